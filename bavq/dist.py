@@ -1,0 +1,132 @@
+"""Distributed helpers: the only module that reads launcher variables (RANK, WORLD_SIZE, SLURM_*).
+
+Reductions are written to be called unconditionally: when torch.distributed is not initialized
+they are no-ops, so one process and R processes run the same code (vector-quantize-pytorch habit).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import torch
+import torch.distributed as torch_dist
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value != "" else default
+    except ValueError:
+        return default
+
+
+def launcher_world_size() -> int:
+    """WORLD_SIZE as set by torchrun / accelerate launch (1 when launched as a plain process)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def launcher_rank() -> int:
+    return _env_int("RANK", 0)
+
+
+def launcher_local_rank() -> int:
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def get_rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over all ranks; a no-op in a single process. Returns it."""
+    if is_initialized() and get_world_size() > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Max of ``tensor`` in place over all ranks; a no-op in a single process."""
+    if is_initialized() and get_world_size() > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Copy rank ``src``'s ``tensor`` to every rank in place; a no-op in a single process."""
+    if is_initialized() and get_world_size() > 1:
+        torch_dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Return rank ``src``'s picklable ``obj`` on every rank."""
+    if not (is_initialized() and get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """List of every rank's ``obj`` (rank order); ``[obj]`` in a single process."""
+    if not (is_initialized() and get_world_size() > 1):
+        return [obj]
+    out = [None] * get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0 in rank order (same shape on every rank)."""
+    if not (is_initialized() and get_world_size() > 1):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    torch_dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def barrier() -> None:
+    if is_initialized() and get_world_size() > 1:
+        torch_dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one rank (e.g. a preemption signal)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    return bool(all_reduce_max(t).item() > 0)
+
+
+# ----------------------------------------------------------------------------- SLURM
+def slurm_job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def under_slurm() -> bool:
+    return slurm_job_id() is not None
+
+
+def slurm_requeue() -> tuple[bool, str]:
+    """Ask SLURM to requeue this job (``scontrol requeue $SLURM_JOB_ID``). Returns (ok, message)."""
+    job = slurm_job_id()
+    if job is None:
+        return False, "not running under SLURM (no SLURM_JOB_ID); not requeued"
+    if shutil.which("scontrol") is None:
+        return False, "scontrol not found on PATH; not requeued"
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return False, f"scontrol requeue {job} failed: {proc.stderr.strip()}"
+    return True, f"requeued SLURM job {job}"

@@ -84,8 +84,10 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "fashion_mnist"  # fashion_mnist | cifar10 | image_folder | hf | shards
-    root: str = ""  # dataset folder; empty = the source's default location
+    source: str = "cifar10"  # cifar10 | fashion_mnist | image_folder | hf | shards
+    # dataset folder; empty = the source's default (cifar10: data/cifar10; fashion_mnist: Debian's
+    # /usr/share/datasets/fashion-mnist, else data/fashion_mnist)
+    root: str = ""
     download: bool = True  # allow torchvision / HF downloads where the network permits
     train_shards: str = ""  # shards: brace pattern or pipe:/fsspec URL of training shards
     val_shards: str = ""  # shards: pattern of validation shards

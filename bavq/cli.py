@@ -1,0 +1,94 @@
+"""Command lines. Each entry point is a short story: parse, load config, run, report.
+
+User mistakes (bad flags, config keys, missing data or weight files) end with one line on stderr
+and exit code 2; a preempted run exits with code 75 after saving, so SLURM can requeue it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bavq.config import QUANTIZERS, ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports an error in one line (plus a hint) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def train_parser(prog: str = "bavq-train") -> OneLineParser:
+    p = OneLineParser(prog=prog, description="Train a VQ tokenizer (VQ-EMA or BA-VQ). Launch with "
+                      "`accelerate launch` or `torchrun` for several processes.")
+    p.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults are CIFAR-10 VQ-VAE")
+    p.add_argument("--quantizer", choices=QUANTIZERS, help="quantizer.name")
+    p.add_argument("--codebook_size", type=int, help="quantizer.num_codes (K)")
+    p.add_argument("--epochs", type=float, help="train.epochs (ignored when train.max_steps > 0)")
+    p.add_argument("--max_steps", type=int, help="train.max_steps")
+    p.add_argument("--name", help="train.name: outputs go to experiments/NAME/")
+    p.add_argument("--resume", help="train.resume: auto (default), none, or a checkpoint folder")
+    p.add_argument("--no_wandb", action="store_true", help="log.wandb=false")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return p
+
+
+def _train_overrides(args) -> list[str]:
+    out = []
+    mapping = {"quantizer": "quantizer.name", "codebook_size": "quantizer.num_codes", "epochs": "train.epochs",
+               "max_steps": "train.max_steps", "name": "train.name", "resume": "train.resume"}
+    for attr, key in mapping.items():
+        value = getattr(args, attr)
+        if value is not None:
+            out.append(f"{key}={value}")
+    if args.no_wandb:
+        out.append("log.wandb=false")
+    return out + list(args.overrides)
+
+
+def train_main(argv: list[str] | None = None, prog: str = "bavq-train") -> int:
+    args = train_parser(prog).parse_args(argv)
+    try:
+        cfg = load_config(args.config, _train_overrides(args))
+    except ConfigError as exc:
+        return fail(prog, str(exc))
+    from bavq.train.backend import LaunchError
+    from bavq.train.trainer import EXIT_PREEMPTED, Preempted, Trainer
+
+    try:
+        trainer = Trainer(cfg)
+        final = trainer.fit()
+    except (ConfigError, LaunchError, FileNotFoundError) as exc:
+        return fail(prog, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except Preempted as exc:
+        print(f"{prog}: {exc}; exiting with code {EXIT_PREEMPTED} so the job can be requeued", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if trainer.accelerator.is_main_process:
+        print(format_metrics_table(final, trainer.run_dir))
+    return 0
+
+
+def format_metrics_table(final: dict, run_dir) -> str:
+    rows = [("quantizer", final["quantizer"]), ("K", final["num_codes"]),
+            ("codebook usage", f"{final['codebook_usage']:.4f}"), ("perplexity", f"{final['perplexity']:.2f}"),
+            ("normalized entropy", f"{final['normalized_entropy']:.4f}"), ("dead codes", final["dead_codes"]),
+            ("PSNR (dB)", f"{final['psnr']:.2f}"), ("SSIM", f"{final['ssim']:.4f}"),
+            ("rFID", final["rfid"] if final["rfid"] is not None else "null (no local Inception weights)"),
+            ("steps", final["steps"]), ("samples seen", final["samples_seen"]),
+            ("world size", final["world_size"]), ("wall seconds", final["wall_seconds"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"final metrics ({run_dir}/final_metrics.json)"]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def train_entry() -> None:
+    sys.exit(train_main())

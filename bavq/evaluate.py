@@ -1,0 +1,117 @@
+"""Whole-split evaluation over all ranks and the run's final outputs.
+
+Every held-out image is seen exactly once across ranks (the loader guarantees it); the code
+histogram and the PSNR/SSIM sums are reduced once at the end, so ranks with uneven counts never
+wait on each other per batch. rFID is computed only from a local Inception weights file; without
+one it is reported as null with the reason, never estimated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bavq import dist
+from bavq.config import Config, to_dict
+from bavq.metrics import CodebookStats, psnr_per_image, ssim_per_image
+
+
+@dataclass
+class EvalResult:
+    codebook: dict  # codebook_usage, perplexity, normalized_entropy, dead_codes, tokens
+    psnr: float
+    ssim: float
+    images: int
+    rec_l1: float
+    rfid: float | None = None
+    rfid_reason: str | None = None
+    histogram: np.ndarray | None = None  # (K,) int64 code counts over the split
+    samples: dict = field(default_factory=dict)  # first images and reconstructions (main process)
+
+    def summary(self) -> dict:
+        out = {**self.codebook, "psnr": self.psnr, "ssim": self.ssim, "rec_l1": self.rec_l1,
+               "images": self.images, "rfid": self.rfid}
+        if self.rfid is None:
+            out["rfid_reason"] = self.rfid_reason
+        return out
+
+
+@torch.no_grad()
+def evaluate_model(model, loader, cfg: Config, device, limit_batches: int | None = None) -> EvalResult:
+    """Evaluate ``model`` (unwrapped, eval mode: the codebook does not change) on ``loader``."""
+    was_training = model.training
+    model.eval()
+    stats = CodebookStats(cfg.quantizer.num_codes)
+    sums = torch.zeros(4, dtype=torch.float64)  # psnr, ssim, images, l1
+    fid = _make_fid(cfg, device)
+    samples = {}
+    for i, (images, _keys) in enumerate(loader):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        images = images.to(device, non_blocking=True)
+        recon, q = model(images)
+        recon = recon.float().clamp(-1, 1)
+        stats.update(q.indices)
+        sums += torch.tensor([psnr_per_image(images, recon).sum().item(), ssim_per_image(images, recon).sum().item(),
+                              images.shape[0], (images - recon).abs().mean(dim=(1, 2, 3)).sum().item()],
+                             dtype=torch.float64)
+        if fid is not None:
+            fid.update(images, recon)
+        if not samples:
+            n = cfg.eval.num_recon_images
+            samples = {"images": images[:n].cpu(), "recon": recon[:n].cpu()}
+    stats.reduce()
+    dist.all_reduce_sum(sums)
+    model.train(was_training)
+    n = max(1.0, sums[2].item())
+    rfid, reason = (fid.compute(), None) if fid is not None else (None, _no_fid_reason(cfg))
+    return EvalResult(codebook=stats.compute(), psnr=sums[0].item() / n, ssim=sums[1].item() / n,
+                      images=int(sums[2].item()), rec_l1=sums[3].item() / n, rfid=rfid, rfid_reason=reason,
+                      histogram=stats.histogram.cpu().numpy(), samples=samples)
+
+
+def _no_fid_reason(cfg: Config) -> str:
+    return ("no local Inception weights (set eval.inception_weights to a pt_inception-2015-12-05 file); "
+            "rFID is never downloaded or estimated")
+
+
+def _make_fid(cfg: Config, device):
+    if not cfg.eval.inception_weights:
+        return None
+    from bavq.fid import ReconstructionFID
+
+    return ReconstructionFID(cfg.eval.inception_weights, device)
+
+
+def save_image_grid(samples: dict, path: Path) -> None:
+    """Originals (top row) over reconstructions (bottom row) as one PNG."""
+    from torchvision.utils import save_image
+
+    if not samples:
+        return
+    both = torch.cat([samples["images"], samples["recon"]]).float()
+    save_image((both + 1) / 2, str(path), nrow=samples["images"].shape[0], padding=1)
+
+
+def write_final_outputs(run_dir: Path, cfg: Config, model, result: EvalResult, extra: dict, is_main: bool) -> dict:
+    """final_metrics.json, final_model.safetensors/.pt, code histogram and a reconstruction grid."""
+    final = {"quantizer": cfg.quantizer.name, "num_codes": cfg.quantizer.num_codes, **result.summary(), **extra}
+    final.setdefault("rfid_reason", None)
+    if not is_main:
+        return final
+    run_dir = Path(run_dir)
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(run_dir / "final_model.safetensors"))
+    torch.save({"state_dict": state, "config": to_dict(cfg)}, run_dir / "final_model.pt")
+    np.save(run_dir / "code_histogram.npy", result.histogram)
+    save_image_grid(result.samples, run_dir / "reconstructions.png")
+    tmp = run_dir / "final_metrics.json.tmp"
+    tmp.write_text(json.dumps(final, indent=2))
+    tmp.replace(run_dir / "final_metrics.json")
+    return final

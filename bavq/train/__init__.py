@@ -1,0 +1,1 @@
+"""Training application: the loop (trainer), the launcher set-up (backend), checkpoints."""

@@ -1,0 +1,70 @@
+"""Accelerate / DeepSpeed set-up: the one place that talks to the launcher's process group.
+
+Facts this module encodes (see DESIGN.md):
+- On a machine without a GPU, Accelerate must be told it is on CPU, or every rank believes it is
+  rank 0 of 1 (a silent single-process run). We also compare Accelerate's process count with the
+  launcher's WORLD_SIZE and refuse to start when they differ.
+- DDP must not broadcast buffers: rank 0's codebook would overwrite everyone's each forward and
+  hide a missing statistics reduction.
+- Schedulers are stepped once per optimizer step by us, not num_processes times by Accelerate.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+
+from bavq import dist
+from bavq.config import Config
+
+
+class LaunchError(RuntimeError):
+    """The launcher and the training process disagree (wrong flags, missing CPU mode, ...)."""
+
+
+def running_on_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+
+
+def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = None) -> Accelerator:
+    """Build the Accelerator for ``cfg.train.backend`` and check the process count."""
+    cpu = running_on_cpu()
+    handlers = [
+        DistributedDataParallelKwargs(broadcast_buffers=False),
+        # gloo on CPU: NCCL cannot run there, and without a CPU backend each rank would be alone.
+        InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=30)),
+    ]
+    if cfg.train.mixed_precision == "fp16" and cpu:
+        raise LaunchError("train.mixed_precision=fp16 is not supported on CPU; use bf16 or no")
+    kwargs = dict(
+        cpu=cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir),
+    )
+    if cfg.train.backend == "deepspeed":
+        from bavq.train.deepspeed_backend import deepspeed_plugins
+
+        kwargs["deepspeed_plugins"] = deepspeed_plugins(cfg)
+    accelerator = Accelerator(**kwargs)
+    check_world_size(accelerator.num_processes)
+    return accelerator
+
+
+def check_world_size(num_processes: int) -> None:
+    """Fail when Accelerate sees fewer processes than the launcher started (the CPU false pass)."""
+    expected = dist.launcher_world_size()
+    if num_processes != expected:
+        raise LaunchError(
+            f"the launcher started WORLD_SIZE={expected} processes but Accelerate sees {num_processes}: "
+            "on a CPU machine launch with `accelerate launch --multi_gpu --num_processes N` or "
+            "`torchrun --nproc_per_node N` (not `--cpu`, which silently runs one process)"
+        )
+    if dist.is_initialized() and dist.get_world_size() != num_processes:
+        raise LaunchError(f"torch.distributed has {dist.get_world_size()} ranks but Accelerate {num_processes}")

@@ -1,0 +1,311 @@
+"""The training loop: set the lr, generator step, discriminator step, log, evaluate, checkpoint.
+
+One process and R processes run this same code; the only distributed pieces are Accelerate's
+gradient all-reduce and the quantizer's statistics all-reduce (bavq.dist).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from bavq import dist
+from bavq.config import Config, save_config, to_dict
+from bavq.data import build_eval_loader, build_train_stream
+from bavq.evaluate import evaluate_model, write_final_outputs
+from bavq.losses import GeneratorLoss, discriminator_loss
+from bavq.metrics import WindowUsage
+from bavq.models import build_discriminator, build_model
+from bavq.quantizers import build_quantizer
+from bavq.train import checkpoint as ckpt
+from bavq.train.backend import make_accelerator
+from bavq.train.run_logger import RunLogger, choose_trackers
+from bavq.train.schedule import lr_at, set_lr
+from bavq.train.state import PreemptionFlag, StatefulModule, TrainState, tensor_checksum
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the SLURM script requeues on it
+
+
+class Preempted(Exception):
+    """Raised after a preemption checkpoint was saved; the entry point exits with EXIT_PREEMPTED."""
+
+
+class Trainer:
+    """Builds everything from one Config and runs the loop. ``Trainer(cfg).fit()`` is the story."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.output_dir) / cfg.train.name
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        trackers = choose_trackers(cfg.log.wandb, cfg.log.tensorboard, self._warn)
+        self.accelerator = make_accelerator(cfg, str(self.run_dir), trackers)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self._build_data()
+        self._build_models()
+        self.state = TrainState()
+        self.window = WindowUsage(cfg.quantizer.num_codes, cfg.log.usage_window)
+        for obj in (self.state, StatefulModule(self.window)) + ((self.ema,) if self.ema is not None else ()):
+            self.accelerator.register_for_checkpointing(obj)
+        self.preempt = PreemptionFlag()
+        self.logger = RunLogger(self.accelerator, self.run_dir, trackers, cfg.log.wandb_project,
+                                to_dict(cfg), cfg.train.name)
+
+    # ------------------------------------------------------------------ build
+    def _warn(self, msg: str) -> None:
+        if dist.launcher_rank() == 0:
+            print(msg, flush=True)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.stream = build_train_stream(cfg, self.rank, self.world)
+        per_step = cfg.train.grad_accum
+        if cfg.train.max_steps > 0:
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.train.epochs * self.stream.batches_per_epoch / per_step))
+        self.global_batch = cfg.train.batch_size * self.world * per_step
+
+    def _build_models(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        torch.manual_seed(cfg.train.seed)  # identical initial weights and codebook on every rank
+        quantizer = build_quantizer(cfg.quantizer)
+        quantizer.auto_update = cfg.train.grad_accum == 1
+        model = build_model(cfg, quantizer)
+        disc = build_discriminator(cfg)
+        perceptual = None
+        if cfg.loss.perceptual_weight > 0:
+            from bavq.models.perceptual import LPIPS
+
+            perceptual = LPIPS.from_file(cfg.loss.lpips_weights)
+        self.gen_loss = GeneratorLoss(cfg.loss, perceptual).to(acc.device)
+        betas = tuple(cfg.train.adam_betas)
+        opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=betas,
+                                  weight_decay=cfg.train.weight_decay)
+        if disc is None:
+            self.model, self.opt_g = acc.prepare(model, opt_g)
+            self.disc = self.opt_d = None
+        else:
+            opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr, betas=betas,
+                                      weight_decay=cfg.train.weight_decay)
+            self.model, self.opt_g, self.disc, self.opt_d = acc.prepare(model, opt_g, disc, opt_d)
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+
+            # parameters are averaged; codebook buffers are copied (an averaged codebook would not
+            # match the statistics that produced it)
+            self.ema = ModelEmaV3(self.unwrapped, decay=cfg.train.ema_decay, exclude_buffers=True)
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def quantizer(self):
+        return self.unwrapped.quantizer
+
+    # ------------------------------------------------------------------ the story
+    def fit(self) -> dict:
+        """Resume if possible, train to ``total_steps``, evaluate, write the outputs."""
+        self._resume()
+        self._write_run_header()
+        self.preempt.install()
+        try:
+            self._loop()
+            last = ckpt.list_checkpoints(self.ckpt_root)
+            if not last or ckpt.checkpoint_step(last[-1]) != self.state.step:
+                self.save()  # the end of training is always resumable (and exportable)
+        finally:
+            self.preempt.uninstall()
+        final = self.final_evaluation()
+        self.logger.close()
+        return final
+
+    def _loop(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        batches = self.stream.iterate(start_batch=self.state.step * cfg.train.grad_accum)
+        bar = self._progress_bar()
+        t_last, samples_last = time.time(), self.state.samples_seen
+        while self.state.step < self.total_steps:
+            step = self.state.step
+            t0 = time.time()
+            set_lr(self.opt_g, lr_at(step, self.total_steps, cfg.train.lr, cfg.train))
+            micro = [next(batches).to(acc.device) for _ in range(cfg.train.grad_accum)]
+            metrics, recons = self.generator_step(micro, step)
+            if self.disc is not None and step >= cfg.loss.disc_start:
+                set_lr(self.opt_d, lr_at(step - cfg.loss.disc_start, self.total_steps - cfg.loss.disc_start,
+                                         cfg.train.disc_lr, cfg.train))
+                metrics.update(self.discriminator_step(micro, recons, step))
+            if self.ema is not None:
+                self.ema.update(self.unwrapped, step=step)
+            self.state.step += 1
+            self.state.samples_seen += self.global_batch
+            self.state.wall_seconds += time.time() - t0
+            if bar is not None:
+                bar.update(1)
+            if self.state.step % cfg.train.log_every == 0 or self.state.step == self.total_steps:
+                rate = (self.state.samples_seen - samples_last) / max(1e-9, time.time() - t_last)
+                t_last, samples_last = time.time(), self.state.samples_seen
+                self._log_training(metrics, rate, bar)
+            if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0 \
+                    and self.state.step < self.total_steps:
+                self.logger.log(self.state.step, {f"val/{k}": v for k, v in self.evaluate().items()})
+            if cfg.train.save_every and self.state.step % cfg.train.save_every == 0:
+                self.save()
+            if dist.any_rank(self.preempt.requested):
+                self._handle_preemption()
+        if bar is not None:
+            bar.close()
+
+    def generator_step(self, micro: list[torch.Tensor], step: int) -> tuple[dict, list[torch.Tensor]]:
+        """Encoder/decoder update over ``grad_accum`` micro-batches; the codebook moves by its own
+        statistics (one all-reduce per step), not by this optimizer."""
+        cfg, acc = self.cfg, self.accelerator
+        gan_on = self.disc is not None and step >= cfg.loss.disc_start
+        disc_plain = acc.unwrap_model(self.disc) if gan_on else None
+        if disc_plain is not None:
+            disc_plain.requires_grad_(False)  # frozen, and unwrapped: no DDP hooks in this step
+        self.model.train()
+        sums, recons, q_metrics = {}, [], {}
+        for i, x in enumerate(micro):
+            sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
+            with sync:
+                recon, q = self.model(x)
+                logits_fake = disc_plain(recon) if gan_on else None
+                last = self.unwrapped.last_layer() if gan_on else None
+                loss, metrics = self.gen_loss(x, recon, q.loss, logits_fake, last, step)
+                acc.backward(loss / len(micro))
+            recons.append(recon.detach())
+            q_metrics = q.metrics
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / len(micro)
+        if not self.quantizer.auto_update:
+            q_metrics = self.quantizer.update_codebook()
+        if cfg.train.grad_clip > 0 and acc.sync_gradients and cfg.train.backend != "deepspeed":
+            sums["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        if disc_plain is not None:
+            disc_plain.requires_grad_(True)
+        counts = getattr(self.quantizer, "last_global_counts", None)
+        if counts is not None:
+            self.window.update_counts(counts)
+        return {**sums, **{f"quantizer/{k}": v for k, v in q_metrics.items()}}, recons
+
+    def discriminator_step(self, micro, recons, step: int) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        self.disc.train()
+        sums = {}
+        for i, (x, recon) in enumerate(zip(micro, recons)):
+            sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.disc)
+            with sync:
+                loss, metrics = discriminator_loss(self.disc(x), self.disc(recon), step, cfg.loss)
+                acc.backward(loss / len(micro))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / len(micro)
+        if cfg.train.grad_clip > 0 and cfg.train.backend != "deepspeed":
+            acc.clip_grad_norm_(self.disc.parameters(), cfg.train.grad_clip)
+        self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        return sums
+
+    # ------------------------------------------------------------------ logging / eval
+    def _progress_bar(self):
+        if not (self.accelerator.is_main_process and self.cfg.log.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.train.name,
+                    unit="step", dynamic_ncols=True)
+
+    def _log_training(self, metrics: dict, samples_per_s: float, bar) -> None:
+        """Average per-rank losses over ranks (quantizer metrics are already global), log, check sync."""
+        local = {k: v for k, v in metrics.items() if not k.startswith("quantizer/")}
+        keys = sorted(local)
+        vec = torch.tensor([float(local[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce_sum(vec)
+        row = {k: v / self.world for k, v in zip(keys, vec.tolist())}
+        row.update({k: float(v) for k, v in metrics.items() if k.startswith("quantizer/")})
+        row.update(self.window.compute(prefix="train/window_"))
+        skipped = torch.tensor([float(getattr(self.stream, "skipped", 0))], dtype=torch.float64)
+        self.state.corrupt_skipped = int(dist.all_reduce_sum(skipped).item())
+        row.update({"lr": self.opt_g.param_groups[0]["lr"], "samples_seen": self.state.samples_seen,
+                    "samples_per_s": samples_per_s, "epoch": self.state.samples_seen / max(1, self.stream.num_samples),
+                    "data/corrupt_skipped": self.state.corrupt_skipped})
+        if self.cfg.train.check_codebook_sync:
+            self.check_codebook_sync()
+        self.logger.log(self.state.step, row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row.get('total', float('nan')):.4f}",
+                            usage=f"{row.get('train/window_usage', float('nan')):.3f}",
+                            img_s=f"{samples_per_s:.0f}")
+        elif self.accelerator.is_main_process:
+            self.logger.print(f"step {self.state.step}/{self.total_steps} loss {row.get('total', 0):.4f} "
+                              f"usage {row.get('train/window_usage', 0):.3f} {samples_per_s:.0f} img/s")
+
+    def check_codebook_sync(self) -> None:
+        """Every rank must hold the same codebook; a difference means a missing reduction."""
+        sums = dist.all_gather_object(tensor_checksum(self.quantizer.codebook))
+        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+            raise RuntimeError(f"codebooks differ across ranks at step {self.state.step}: checksums {sums}")
+
+    def evaluate(self, limit_batches: int | None = None) -> dict:
+        model = self.ema.module if self.ema is not None else self.unwrapped
+        loader = build_eval_loader(self.cfg, self.rank, self.world)
+        result = evaluate_model(model, loader, self.cfg, self.accelerator.device, limit_batches=limit_batches)
+        return result.summary()
+
+    def final_evaluation(self) -> dict:
+        model = self.ema.module if self.ema is not None else self.unwrapped
+        loader = build_eval_loader(self.cfg, self.rank, self.world)
+        result = evaluate_model(model, loader, self.cfg, self.accelerator.device)
+        extra = {"steps": self.state.step, "samples_seen": self.state.samples_seen,
+                 "wall_seconds": round(self.state.wall_seconds, 2), "world_size": self.world}
+        final = write_final_outputs(self.run_dir, self.cfg, model, result, extra,
+                                    is_main=self.accelerator.is_main_process)
+        self.logger.log(self.state.step, {f"final/{k}": v for k, v in final.items() if k != "rfid_reason"})
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        t = self.cfg.train
+        path = ckpt.save_checkpoint(self.accelerator, self.ckpt_root, self.state.step, self.cfg,
+                                    t.keep_last, t.keep_every)
+        self.logger.print(f"saved checkpoint {path}")
+        return path
+
+    def _resume(self) -> None:
+        if self.accelerator.is_main_process:
+            ckpt.clean_partial(self.ckpt_root)
+        self.accelerator.wait_for_everyone()
+        path = ckpt.find_resume_checkpoint(self.cfg.train.resume, self.ckpt_root, log=self.logger.print)
+        if path is None:
+            return
+        for note in ckpt.check_resume_compatible(self.cfg, path):
+            self.logger.print(f"NOTE: resuming with a changed setting: {note}")
+        self.accelerator.load_state(str(path))
+        self.logger.print(f"resumed from {path} at step {self.state.step} ({self.state.samples_seen} samples)")
+
+    def _handle_preemption(self) -> None:
+        self.logger.print(f"preemption signal ({self.preempt.signal_name or 'on another rank'}): saving")
+        self.save()
+        if self.accelerator.is_main_process and dist.under_slurm():
+            ok, msg = dist.slurm_requeue()
+            self.logger.print(msg)
+        self.logger.close()
+        raise Preempted(f"preempted at step {self.state.step}; checkpoint saved")
+
+    def _write_run_header(self) -> None:
+        if self.accelerator.is_main_process:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            self.logger.print(
+                f"run {self.run_dir}: {self.world} process(es) on {self.accelerator.device}, "
+                f"{self.total_steps} steps of {self.global_batch} images "
+                f"({self.stream.batches_per_epoch} batches/rank/epoch, {self.stream.num_samples} training images), "
+                f"quantizer {self.cfg.quantizer.name} K={self.cfg.quantizer.num_codes}")

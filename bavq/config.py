@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -102,6 +103,7 @@ class DataConfig:
     random_crop_scale: float = 1.0  # lower scale of random-resized-crop; 1.0 = center crop only
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 2000  # shards: shuffle buffer size in samples
+    train_num_samples: int = 0  # shards: training set size when no sizes.json is readable (pipe: URLs)
 
 
 @dataclass
@@ -187,10 +189,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg: Config = OmegaConf.to_object(base)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
-    except (OSError, ValueError) as exc:  # YAML syntax errors are ValueErrors (ScannerError)
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"config file '{path}': {str(exc).splitlines()[0]}") from None
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"config file '{path}' is not valid YAML: {detail}") from None
+    except OSError as exc:  # OmegaConf raises IOError for a YAML scalar or list at the top
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections ({exc})") from None
     validate(cfg)
     return cfg
 
@@ -259,6 +262,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < d.random_crop_scale <= 1.0, "data.random_crop_scale", "must be in (0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _check(d.train_num_samples >= 0, "data.train_num_samples", "must be >= 0")
 
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.epochs >= 0, "train.epochs", "must be >= 0")

@@ -54,7 +54,8 @@ class FakeQuantizer(nn.Module):
 
 def tiny_vqvae(code_dim=8, **kw):
     torch.manual_seed(0)
-    return VQVAE(FakeQuantizer(code_dim=code_dim), base_channels=16, channel_mult=(1, 2), num_res_blocks=1, **kw)
+    quantizer = FakeQuantizer(code_dim=code_dim)
+    return VQVAE(quantizer, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, **kw)
 
 
 def tiny_vqgan(channel_mult, base_channels=16, resolution=32):
@@ -106,7 +107,7 @@ def test_vqgan_attention_at_attn_resolutions_and_lowest():
 
 
 def test_group_norm_adapts_to_narrow_widths():
-    assert group_norm(16).num_groups == 16 and group_norm(48).num_groups == 16 and group_norm(256).num_groups == 32
+    assert [group_norm(c).num_groups for c in (16, 48, 256)] == [16, 16, 32]
     tiny_vqgan((1, 2), base_channels=32)(torch.randn(1, 3, 32, 32))  # 32 and 64 channels build and run
 
 
@@ -124,7 +125,9 @@ def test_decode_indices_equals_decode_quantized(name, make):
     model = make().eval()
     with torch.no_grad():
         out = model.quantize(model.encode(torch.randn(2, 3, 32, 32)))
-        torch.testing.assert_close(model.decode_indices(out.indices), model.decode(out.quantized))
+        # z + (e - z).detach() equals e only up to float rounding, which the decoder can amplify a little.
+        torch.testing.assert_close(model.decode_indices(out.indices), model.decode(out.quantized),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,make", ALL_MODELS)

@@ -1,0 +1,67 @@
+import pytest
+
+from bavq.config import ConfigError, from_dict, load_config, save_config, to_dict
+
+BASE = ["train.max_steps=3"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("quantizer.num_codes=1", "quantizer.num_codes"),
+    ("quantizer.decay=1.0", "quantizer.decay"),
+    ("quantizer.decay=-0.1", "quantizer.decay"),
+    ("quantizer.chunk_size=0", "quantizer.chunk_size"),
+    ("quantizer.name=pq", "quantizer.name"),
+    ("quantizer.init=kmeans", "quantizer.init"),
+    ("quantizer.prior_floor=0", "quantizer.prior_floor"),
+    ("quantizer.assign=soft", "quantizer.assign"),
+    ("quantizer.num_codes=abc", "quantizer.num_codes"),
+    ("quantizer.no_such_key=1", "quantizer.no_such_key"),
+    ("model.arch=resnet", "model.arch"),
+    ("data.source=imagenet", "data.source"),
+    ("data.image_size=2", "data.image_size"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("train.backend=fsdp", "train.backend"),
+    ("loss.perceptual_weight=1.0", "loss.lpips_weights"),
+])
+def test_bad_value_names_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, BASE + [override])
+    message = str(info.value)
+    assert key in message and "\n" not in message
+
+
+def test_unknown_section_and_malformed_override():
+    with pytest.raises(ConfigError, match="nosection"):
+        load_config(None, BASE + ["nosection.x=1"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, BASE + ["quantizer.num_codes"])
+
+
+def test_needs_a_length():
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(None, [])
+
+
+def test_yaml_file_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("quantizer:\n  name: ba_vq\n  num_codes: 64\ntrain:\n  max_steps: 5\n")
+    cfg = load_config(path, ["quantizer.entropy_weight=2.0"])
+    assert cfg.quantizer.name == "ba_vq" and cfg.quantizer.num_codes == 64
+    assert cfg.quantizer.entropy_weight == 2.0 and cfg.train.max_steps == 5
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert to_dict(load_config(tmp_path / "resolved.yaml")) == to_dict(cfg)
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quantizer: [unclosed\n")
+    with pytest.raises(ConfigError):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)

@@ -92,3 +92,68 @@ def format_metrics_table(final: dict, run_dir) -> str:
 
 def train_entry() -> None:
     sys.exit(train_main())
+
+
+def eval_parser(prog: str = "bavq-eval") -> OneLineParser:
+    p = OneLineParser(prog=prog, description="Evaluate a run or checkpoint on a whole held-out split "
+                      "(every sample once over all ranks; launch with accelerate/torchrun for several).")
+    p.add_argument("checkpoint", help="run folder (final_model.safetensors), checkpoint folder, or weights file")
+    p.add_argument("--config", help="config YAML (default: config.yaml beside the weights)")
+    p.add_argument("--out", help="output JSON (default: CHECKPOINT/eval_metrics.json)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="e.g. data.source=shards data.val_shards=... eval.inception_weights=...")
+    return p
+
+
+def eval_main(argv: list[str] | None = None, prog: str = "bavq-eval") -> int:
+    args = eval_parser(prog).parse_args(argv)
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    try:
+        from bavq.train.checkpoint import load_generator_state
+
+        state, folder = load_generator_state(args.checkpoint)
+        config_path = Path(args.config) if args.config else folder / "config.yaml"
+        cfg = load_config(config_path, list(args.overrides) + ["log.wandb=false", "log.tensorboard=false"])
+        out = Path(args.out) if args.out else folder / "eval_metrics.json"
+        summary = _run_eval(cfg, state, out.parent)
+    except (ConfigError, FileNotFoundError) as exc:
+        return fail(prog, str(exc).splitlines()[0])
+    if summary is not None:  # main process
+        hist = summary.pop("_histogram")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2))
+        np.save(out.with_suffix(".histogram.npy"), hist)
+        print(json.dumps(summary, indent=2))
+        print(f"wrote {out} and {out.with_suffix('.histogram.npy')}")
+    return 0
+
+
+def _run_eval(cfg, state: dict, work_dir):
+    """Build the model with the checkpoint's weights and evaluate on every rank; main gets the summary."""
+    from bavq.data import build_eval_loader
+    from bavq.evaluate import evaluate_model
+    from bavq.models import build_model
+    from bavq.quantizers import build_quantizer
+    from bavq.train.backend import make_accelerator
+
+    accelerator = make_accelerator(cfg, str(work_dir), None)
+    model = build_model(cfg, build_quantizer(cfg.quantizer))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"weights do not fit the config's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.to(accelerator.device)
+    loader = build_eval_loader(cfg, accelerator.process_index, accelerator.num_processes)
+    result = evaluate_model(model, loader, cfg, accelerator.device)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    return {**result.summary(), "world_size": accelerator.num_processes, "quantizer": cfg.quantizer.name,
+            "num_codes": cfg.quantizer.num_codes, "_histogram": result.histogram}
+
+
+def eval_entry() -> None:
+    sys.exit(eval_main())

@@ -201,3 +201,44 @@ def check_resume_compatible(cfg: Config, ckpt: Path) -> list[str]:
             if old[section][key] != value:
                 notes.append(f"{section}.{key}: {old[section][key]!r} -> {value!r}")
     return notes
+
+
+def _strip_prefix(state: dict) -> dict:
+    """DDP-wrapped state dicts carry a 'module.' prefix; model files must not."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_generator_state(path: str | Path) -> tuple[dict, Path]:
+    """Generator (encoder, quantizer buffers, decoder) weights from a run folder, a checkpoint folder
+    (DDP or DeepSpeed ZeRO shards, consolidated with DeepSpeed's own tool) or a weights file.
+    Returns (state_dict, the folder holding config.yaml)."""
+    path = Path(path)
+    if path.is_file():
+        return _load_weights_file(path), path.parent
+    if not path.is_dir():
+        raise ConfigError(f"'{path}' is neither a run folder, a checkpoint folder nor a weights file")
+    if (path / "final_model.safetensors").is_file():
+        return _load_weights_file(path / "final_model.safetensors"), path
+    reason = verify_checkpoint(path)
+    if reason:
+        raise ConfigError(f"refusing checkpoint: {reason}")
+    if (path / "model.safetensors").is_file():
+        return _load_weights_file(path / "model.safetensors"), path
+    if (path / "pytorch_model").is_dir():  # DeepSpeed: ZeRO shards of the generator engine
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return _strip_prefix(get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")), path
+    raise ConfigError(f"checkpoint '{path}' holds no generator weights (model.safetensors or pytorch_model/)")
+
+
+def _load_weights_file(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _strip_prefix(load_file(str(path)))
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return _strip_prefix(obj.get("state_dict", obj) if isinstance(obj, dict) else obj)

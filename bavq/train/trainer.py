@@ -86,13 +86,19 @@ class Trainer:
         betas = tuple(cfg.train.adam_betas)
         opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=betas,
                                   weight_decay=cfg.train.weight_decay)
-        if disc is None:
-            self.model, self.opt_g = acc.prepare(model, opt_g)
-            self.disc = self.opt_d = None
-        else:
+        self.deepspeed = cfg.train.backend == "deepspeed"
+        self._select("gen")
+        self.model, self.opt_g = acc.prepare(model, opt_g)
+        self.disc = self.opt_d = None
+        if disc is not None:
             opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr, betas=betas,
                                       weight_decay=cfg.train.weight_decay)
-            self.model, self.opt_g, self.disc, self.opt_d = acc.prepare(model, opt_g, disc, opt_d)
+            self._select("disc")
+            self.disc, self.opt_d = acc.prepare(disc, opt_d)
+            self._select("gen")
+        # DeepSpeed's bf16 mode casts every buffer of the module; the codebook stays fp32 (DESIGN.md)
+        self.unwrapped.quantizer.float()
+        self.input_dtype = torch.bfloat16 if self.deepspeed and cfg.train.mixed_precision == "bf16" else None
         self.ema = None
         if cfg.train.ema_decay > 0:
             from timm.utils import ModelEmaV3
@@ -100,6 +106,23 @@ class Trainer:
             # parameters are averaged; codebook buffers are copied (an averaged codebook would not
             # match the statistics that produced it)
             self.ema = ModelEmaV3(self.unwrapped, decay=cfg.train.ema_decay, exclude_buffers=True)
+
+    def _select(self, name: str) -> None:
+        """Make the generator's or the discriminator's DeepSpeed plugin the active one."""
+        if self.deepspeed:
+            self.accelerator.state.select_deepspeed_plugin(name)
+
+    def _backward(self, module, loss: torch.Tensor, num_micro: int, last: bool) -> None:
+        """DDP: Accelerate's backward of the micro-batch share. DeepSpeed: each engine runs its own
+        backward and, at the accumulation boundary, its step (clip + optimizer + zero_grad), because
+        ``accelerator.backward`` only knows the first engine."""
+        if self.deepspeed:
+            module.set_gradient_accumulation_boundary(last)
+            module.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+            if last:
+                module.step()
+        else:
+            self.accelerator.backward(loss / num_micro)
 
     @property
     def unwrapped(self):
@@ -135,7 +158,7 @@ class Trainer:
             step = self.state.step
             t0 = time.time()
             set_lr(self.opt_g, lr_at(step, self.total_steps, cfg.train.lr, cfg.train))
-            micro = [next(batches).to(acc.device) for _ in range(cfg.train.grad_accum)]
+            micro = [next(batches).to(acc.device, dtype=self.input_dtype) for _ in range(cfg.train.grad_accum)]
             metrics, recons = self.generator_step(micro, step)
             if self.disc is not None and step >= cfg.loss.disc_start:
                 set_lr(self.opt_d, lr_at(step - cfg.loss.disc_start, self.total_steps - cfg.loss.disc_start,
@@ -179,17 +202,20 @@ class Trainer:
                 logits_fake = disc_plain(recon) if gan_on else None
                 last = self.unwrapped.last_layer() if gan_on else None
                 loss, metrics = self.gen_loss(x, recon, q.loss, logits_fake, last, step)
-                acc.backward(loss / len(micro))
+                self._backward(self.model, loss, len(micro), last=i == len(micro) - 1)
             recons.append(recon.detach())
             q_metrics = q.metrics
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / len(micro)
         if not self.quantizer.auto_update:
             q_metrics = self.quantizer.update_codebook()
-        if cfg.train.grad_clip > 0 and acc.sync_gradients and cfg.train.backend != "deepspeed":
-            sums["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-        self.opt_g.step()
-        self.opt_g.zero_grad(set_to_none=True)
+        if self.deepspeed:
+            sums["grad_norm"] = torch.tensor(float(self.model.get_global_grad_norm() or 0.0))
+        else:
+            if cfg.train.grad_clip > 0:
+                sums["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            self.opt_g.step()
+            self.opt_g.zero_grad(set_to_none=True)
         if disc_plain is not None:
             disc_plain.requires_grad_(True)
         counts = getattr(self.quantizer, "last_global_counts", None)
@@ -205,13 +231,14 @@ class Trainer:
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.disc)
             with sync:
                 loss, metrics = discriminator_loss(self.disc(x), self.disc(recon), step, cfg.loss)
-                acc.backward(loss / len(micro))
+                self._backward(self.disc, loss, len(micro), last=i == len(micro) - 1)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / len(micro)
-        if cfg.train.grad_clip > 0 and cfg.train.backend != "deepspeed":
-            acc.clip_grad_norm_(self.disc.parameters(), cfg.train.grad_clip)
-        self.opt_d.step()
-        self.opt_d.zero_grad(set_to_none=True)
+        if not self.deepspeed:  # DeepSpeed stepped (and clipped, per its JSON) in _backward
+            if cfg.train.grad_clip > 0:
+                acc.clip_grad_norm_(self.disc.parameters(), cfg.train.grad_clip)
+            self.opt_d.step()
+            self.opt_d.zero_grad(set_to_none=True)
         return sums
 
     # ------------------------------------------------------------------ logging / eval
@@ -265,7 +292,8 @@ class Trainer:
         loader = build_eval_loader(self.cfg, self.rank, self.world)
         result = evaluate_model(model, loader, self.cfg, self.accelerator.device)
         extra = {"steps": self.state.step, "samples_seen": self.state.samples_seen,
-                 "wall_seconds": round(self.state.wall_seconds, 2), "world_size": self.world}
+                 "wall_seconds": round(self.state.wall_seconds, 2), "world_size": self.world,
+                 "codebook_checksums": dist.all_gather_object(tensor_checksum(self.quantizer.codebook))}
         final = write_final_outputs(self.run_dir, self.cfg, model, result, extra,
                                     is_main=self.accelerator.is_main_process)
         self.logger.log(self.state.step, {f"final/{k}": v for k, v in final.items() if k != "rfid_reason"})

@@ -55,7 +55,7 @@ def _train_overrides(args) -> list[str]:
 
 
 def train_main(argv: list[str] | None = None, prog: str = "bavq-train") -> int:
-    args = train_parser(prog).parse_args(argv)
+    args = train_parser(prog).parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, _train_overrides(args))
     except ConfigError as exc:
@@ -106,7 +106,7 @@ def eval_parser(prog: str = "bavq-eval") -> OneLineParser:
 
 
 def eval_main(argv: list[str] | None = None, prog: str = "bavq-eval") -> int:
-    args = eval_parser(prog).parse_args(argv)
+    args = eval_parser(prog).parse_intermixed_args(argv)
     import json
     from pathlib import Path
 

@@ -123,7 +123,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off (DeepSpeed: from its JSON)
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"; codebook math stays fp32 regardless
     backend: str = "ddp"  # "ddp" (Accelerate) or "deepspeed" (ZeRO-2 through Accelerate)
-    deepspeed_config: str = ""  # DeepSpeed JSON for the generator; empty = launch/deepspeed/zero2.json
+    deepspeed_config: str = ""  # DeepSpeed JSON of the generator engine; empty = built-in ZeRO-2 defaults
+    deepspeed_disc_config: str = ""  # DeepSpeed JSON of the discriminator engine; empty = deepspeed_config
     ema_decay: float = 0.0  # EMA of the weights (timm ModelEmaV3); 0 = off
     log_every: int = 50  # steps between training logs
     eval_every: int = 0  # steps between held-out evaluations; 0 = only at the end

@@ -35,6 +35,11 @@ def launcher_local_rank() -> int:
     return _env_int("LOCAL_RANK", 0)
 
 
+def launched_by_distributed_launcher() -> bool:
+    """True under torchrun / accelerate launch with several processes (they set LOCAL_RANK)."""
+    return "LOCAL_RANK" in os.environ and launcher_world_size() >= 1
+
+
 def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 

@@ -12,6 +12,7 @@ Facts this module encodes (see DESIGN.md):
 from __future__ import annotations
 
 import os
+import warnings
 from datetime import timedelta
 
 import torch
@@ -33,15 +34,19 @@ def running_on_cpu() -> bool:
 def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = None) -> Accelerator:
     """Build the Accelerator for ``cfg.train.backend`` and check the process count."""
     cpu = running_on_cpu()
-    handlers = [
-        DistributedDataParallelKwargs(broadcast_buffers=False),
+    if cpu:  # DeepSpeed (imported by Accelerate when installed) otherwise warns on every rank at start
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    if dist.launched_by_distributed_launcher():
         # gloo on CPU: NCCL cannot run there, and without a CPU backend each rank would be alone.
-        InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=30)),
-    ]
+        # (Only under a launcher: a backend without a process group fails in a plain process.)
+        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=30)))
     if cfg.train.mixed_precision == "fp16" and cpu:
         raise LaunchError("train.mixed_precision=fp16 is not supported on CPU; use bf16 or no")
     kwargs = dict(
-        cpu=cpu,
+        # Accelerate enables DeepSpeed only when cpu=False; on a CPU-only machine the device is the CPU
+        # anyway and the gloo process group above keeps the ranks apart.
+        cpu=cpu and cfg.train.backend != "deepspeed",
         mixed_precision=cfg.train.mixed_precision,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
@@ -52,6 +57,9 @@ def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = Non
         from bavq.train.deepspeed_backend import deepspeed_plugins
 
         kwargs["deepspeed_plugins"] = deepspeed_plugins(cfg)
+    # We rely on broadcast_buffers=False (no buffer sync at all, not even at init: a rank whose
+    # codebook differed would then fail the checksum check instead of being silently overwritten).
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
     accelerator = Accelerator(**kwargs)
     check_world_size(accelerator.num_processes)
     return accelerator

@@ -69,8 +69,9 @@ def deepspeed_plugins(cfg: Config) -> dict:
         from accelerate.utils import DeepSpeedPlugin
     except ImportError:
         raise ConfigError("train.backend=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from None
-    base = load_deepspeed_json(cfg.train.deepspeed_config)
-    plugins = {"gen": DeepSpeedPlugin(hf_ds_config=resolved_deepspeed_dict(cfg, base))}
+    gen = load_deepspeed_json(cfg.train.deepspeed_config)
+    plugins = {"gen": DeepSpeedPlugin(hf_ds_config=resolved_deepspeed_dict(cfg, gen))}
     if cfg.loss.disc_weight > 0:
-        plugins["disc"] = DeepSpeedPlugin(hf_ds_config=resolved_deepspeed_dict(cfg, base))
+        disc = load_deepspeed_json(cfg.train.deepspeed_disc_config) if cfg.train.deepspeed_disc_config else gen
+        plugins["disc"] = DeepSpeedPlugin(hf_ds_config=resolved_deepspeed_dict(cfg, disc))
     return plugins

@@ -28,19 +28,6 @@ class TrainState:
         self.corrupt_skipped = int(state.get("corrupt_skipped", 0))
 
 
-class StatefulModule:
-    """Adapter so a module's state_dict (e.g. the usage window) is saved by save_state."""
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def state_dict(self):
-        return self.obj.state_dict()
-
-    def load_state_dict(self, state):
-        self.obj.load_state_dict(state)
-
-
 class PreemptionFlag:
     """SIGUSR1 / SIGTERM only set a flag; the loop checks it (agreed across ranks) at a step
     boundary, saves and exits. A second signal while saving changes nothing but a counter, so the

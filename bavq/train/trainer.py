@@ -18,14 +18,13 @@ from bavq.config import Config, save_config, to_dict
 from bavq.data import build_eval_loader, build_train_stream
 from bavq.evaluate import evaluate_model, write_final_outputs
 from bavq.losses import GeneratorLoss, discriminator_loss
-from bavq.metrics import WindowUsage
 from bavq.models import build_discriminator, build_model
 from bavq.quantizers import build_quantizer
 from bavq.train import checkpoint as ckpt
 from bavq.train.backend import make_accelerator
 from bavq.train.run_logger import RunLogger, choose_trackers
 from bavq.train.schedule import lr_at, set_lr
-from bavq.train.state import PreemptionFlag, StatefulModule, TrainState, tensor_checksum
+from bavq.train.state import PreemptionFlag, TrainState, tensor_checksum
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the SLURM script requeues on it
 
@@ -48,8 +47,7 @@ class Trainer:
         self._build_data()
         self._build_models()
         self.state = TrainState()
-        self.window = WindowUsage(cfg.quantizer.num_codes, cfg.log.usage_window)
-        for obj in (self.state, StatefulModule(self.window)) + ((self.ema,) if self.ema is not None else ()):
+        for obj in (self.state,) + ((self.ema,) if self.ema is not None else ()):
             self.accelerator.register_for_checkpointing(obj)
         self.preempt = PreemptionFlag()
         self.logger = RunLogger(self.accelerator, self.run_dir, trackers, cfg.log.wandb_project,
@@ -73,7 +71,7 @@ class Trainer:
     def _build_models(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         torch.manual_seed(cfg.train.seed)  # identical initial weights and codebook on every rank
-        quantizer = build_quantizer(cfg.quantizer)
+        quantizer = build_quantizer(cfg.quantizer, seed=cfg.train.seed, usage_window=cfg.log.usage_window)
         quantizer.auto_update = cfg.train.grad_accum == 1
         model = build_model(cfg, quantizer)
         disc = build_discriminator(cfg)
@@ -218,9 +216,6 @@ class Trainer:
             self.opt_g.zero_grad(set_to_none=True)
         if disc_plain is not None:
             disc_plain.requires_grad_(True)
-        counts = getattr(self.quantizer, "last_global_counts", None)
-        if counts is not None:
-            self.window.update_counts(counts)
         return {**sums, **{f"quantizer/{k}": v for k, v in q_metrics.items()}}, recons
 
     def discriminator_step(self, micro, recons, step: int) -> dict:
@@ -258,7 +253,6 @@ class Trainer:
         dist.all_reduce_sum(vec)
         row = {k: v / self.world for k, v in zip(keys, vec.tolist())}
         row.update({k: float(v) for k, v in metrics.items() if k.startswith("quantizer/")})
-        row.update(self.window.compute(prefix="train/window_"))
         skipped = torch.tensor([float(getattr(self.stream, "skipped", 0))], dtype=torch.float64)
         self.state.corrupt_skipped = int(dist.all_reduce_sum(skipped).item())
         row.update({"lr": self.opt_g.param_groups[0]["lr"], "samples_seen": self.state.samples_seen,
@@ -269,11 +263,11 @@ class Trainer:
         self.logger.log(self.state.step, row)
         if bar is not None:
             bar.set_postfix(loss=f"{row.get('total', float('nan')):.4f}",
-                            usage=f"{row.get('train/window_usage', float('nan')):.3f}",
+                            usage=f"{row.get('quantizer/usage_window', float('nan')):.3f}",
                             img_s=f"{samples_per_s:.0f}")
         elif self.accelerator.is_main_process:
             self.logger.print(f"step {self.state.step}/{self.total_steps} loss {row.get('total', 0):.4f} "
-                              f"usage {row.get('train/window_usage', 0):.3f} {samples_per_s:.0f} img/s")
+                              f"usage {row.get('quantizer/usage_window', 0):.3f} {samples_per_s:.0f} img/s")
 
     def check_codebook_sync(self) -> None:
         """Every rank must hold the same codebook; a difference means a missing reduction."""

@@ -67,6 +67,26 @@ def tiny_vqgan(channel_mult, base_channels=16, resolution=32):
 VQGAN_CASES = [((1, 1, 2, 2), 8), ((1, 1, 2, 2, 4), 16)]  # f8 and f16
 
 
+def assert_last_layer_is_output_weight(model):
+    """After a forward with gradients, last_layer() is a view of the final conv's weight (same
+    storage and values), so autograd.grad w.r.t. it never touches the parameter's hooks."""
+    last, weight = model.last_layer(), model.decoder.conv_out.weight
+    assert last is not weight and last.data_ptr() == weight.data_ptr() and torch.equal(last, weight)
+    assert last.grad_fn is not None
+
+
+def test_last_layer_grad_does_not_touch_parameter_hooks():
+    model = tiny_vqvae()
+    fired = []
+    model.decoder.conv_out.weight.register_hook(lambda g: fired.append(1))
+    recon, _ = model(torch.randn(2, 3, 32, 32))
+    grad = torch.autograd.grad(recon.square().mean(), model.last_layer(), retain_graph=True)[0]
+    assert grad.shape == model.decoder.conv_out.weight.shape and grad.abs().sum() > 0
+    assert not fired  # DDP / ZeRO-2 hooks live on the parameter: the adaptive weight must not fire them
+    recon.square().mean().backward()
+    assert fired
+
+
 def test_vqvae_shapes_32_to_8():
     model = tiny_vqvae()
     x = torch.randn(2, 3, 32, 32)
@@ -75,7 +95,7 @@ def test_vqvae_shapes_32_to_8():
     recon, out = model(x)
     assert recon.shape == x.shape and out.indices.shape == (2, 8, 8)
     assert model.downsample_factor == 4 and model.code_dim == 8 and model.num_codes == 16
-    assert model.last_layer() is model.decoder.conv_out.weight
+    assert_last_layer_is_output_weight(model)
 
 
 def test_vqvae_downsampling_rule_one_stage_per_halving():
@@ -93,7 +113,7 @@ def test_vqgan_shapes(channel_mult, factor):
     assert model.encode(x).shape == (2, 4, side, side)
     recon, out = model(x)
     assert recon.shape == x.shape and out.indices.shape == (2, side, side)
-    assert model.last_layer() is model.decoder.conv_out.weight
+    assert_last_layer_is_output_weight(model)
 
 
 def test_vqgan_attention_at_attn_resolutions_and_lowest():
@@ -137,7 +157,7 @@ def test_gradients_reach_encoder_through_straight_through(name, make):
     (recon.pow(2).mean() + out.loss).backward()
     first = model.encoder.conv_in if name != "vqvae" else model.encoder.stages[0][0]
     assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
-    assert model.last_layer().grad is not None
+    assert model.decoder.conv_out.weight.grad is not None
 
 
 @pytest.mark.parametrize("name,make", ALL_MODELS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -80,6 +81,20 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class OutputConv(nn.Conv2d):
+    """The decoder's final conv. It runs on a view of its weight and keeps that view, so the
+    adaptive GAN weight can differentiate w.r.t. the view: ``autograd.grad`` then stops there and
+    never reaches the parameter, whose gradient hooks (DDP's, DeepSpeed ZeRO-2's) must only fire in
+    the real backward pass (ZeRO-2 fails with an IndexError in reduce_ipg_grads otherwise)."""
+
+    last_weight: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.view_as(self.weight)
+        self.last_weight = weight if torch.is_grad_enabled() else None
+        return self._conv_forward(x, weight, self.bias)
+
+
 class VQAutoencoder(nn.Module):
     """encoder -> injected quantizer -> decoder, with the LlamaGen / taming tokenizer API.
 
@@ -113,9 +128,11 @@ class VQAutoencoder(nn.Module):
         out = self.quantize(self.encode(x))
         return self.decode(out.quantized), out
 
-    def last_layer(self) -> nn.Parameter:
-        """Weight of the decoder's final conv (taming's adaptive GAN weight differentiates w.r.t. it)."""
-        return self.decoder.conv_out.weight
+    def last_layer(self) -> Tensor:
+        """Weight of the decoder's final conv as used by the latest forward (taming's adaptive GAN
+        weight differentiates w.r.t. it); the parameter itself before any forward with gradients."""
+        conv = self.decoder.conv_out
+        return conv.last_weight if getattr(conv, "last_weight", None) is not None else conv.weight
 
     @property
     def code_dim(self) -> int:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .blocks import (
     AttnBlock,
     Downsample,
+    OutputConv,
     ResnetBlock,
     Upsample,
     VQAutoencoder,
@@ -92,7 +93,7 @@ class VQGANDecoder(nn.Module):
                 res *= 2
             self.up.append(stage)
         self.norm_out = group_norm(prev)
-        self.conv_out = nn.Conv2d(prev, out_channels, 3, padding=1)
+        self.conv_out = OutputConv(prev, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))

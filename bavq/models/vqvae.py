@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import ResnetBlock, VQAutoencoder, check_channel_mult, group_norm, quantizer_code_dim
+from .blocks import OutputConv, ResnetBlock, VQAutoencoder, check_channel_mult, group_norm, quantizer_code_dim
 
 
 class VQVAEEncoder(nn.Module):
@@ -51,7 +51,7 @@ class VQVAEDecoder(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.norm_out = group_norm(widths[0])
-        self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
+        self.conv_out = OutputConv(widths[0], out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.conv_out(F.silu(self.norm_out(self.stages(self.conv_in(z)))))

@@ -46,10 +46,14 @@ def adaptive_disc_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor,
     """taming's balance: ||d nll / d W|| / (||d g / d W|| + 1e-4), clamped to [0, max_weight], detached.
 
     W is the decoder's last conv weight (``model.last_layer()``); both losses must depend on it.
+    ``last_layer`` may also be a function mapping a loss to its gradient w.r.t. W.
     The graph is retained so the caller can still back-propagate the total loss.
     """
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if callable(last_layer):  # a ``loss -> d loss / d W`` function (VQAutoencoder.last_layer_grad)
+        nll_grad, g_grad = last_layer(nll_loss), last_layer(g_loss)
+    else:
+        nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + 1e-4)
     return torch.clamp(weight, 0.0, max_weight).detach()
 

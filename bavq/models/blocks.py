@@ -82,17 +82,15 @@ class Upsample(nn.Module):
 
 
 class OutputConv(nn.Conv2d):
-    """The decoder's final conv. It runs on a view of its weight and keeps that view, so the
-    adaptive GAN weight can differentiate w.r.t. the view: ``autograd.grad`` then stops there and
-    never reaches the parameter, whose gradient hooks (DDP's, DeepSpeed ZeRO-2's) must only fire in
-    the real backward pass (ZeRO-2 fails with an IndexError in reduce_ipg_grads otherwise)."""
+    """The decoder's final conv; it keeps its (detached) input of the latest forward with gradients,
+    so the gradient of a loss w.r.t. its weight can be formed from the gradient w.r.t. the image
+    (:meth:`VQAutoencoder.last_layer_grad`) without an ``autograd.grad`` through the wrapped model."""
 
-    last_weight: Tensor | None = None
+    last_input: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight.view_as(self.weight)
-        self.last_weight = weight if torch.is_grad_enabled() else None
-        return self._conv_forward(x, weight, self.bias)
+        self.last_input = x.detach() if torch.is_grad_enabled() else None
+        return super().forward(x)
 
 
 class VQAutoencoder(nn.Module):
@@ -128,11 +126,30 @@ class VQAutoencoder(nn.Module):
         out = self.quantize(self.encode(x))
         return self.decode(out.quantized), out
 
-    def last_layer(self) -> Tensor:
-        """Weight of the decoder's final conv as used by the latest forward (taming's adaptive GAN
-        weight differentiates w.r.t. it); the parameter itself before any forward with gradients."""
+    def last_layer(self) -> nn.Parameter:
+        """Weight of the decoder's final conv (taming's adaptive GAN weight is measured on it)."""
+        return self.decoder.conv_out.weight
+
+    def last_layer_grad(self, recon_leaf: Tensor):
+        """``loss -> d loss / d last_layer()`` for losses computed on ``recon_leaf``, a detached
+        ``requires_grad`` copy of this model's latest reconstruction.
+
+        The decoder output *is* the final conv's output, so d loss / d W is the conv weight-gradient
+        of (its input, d loss / d image). Forming it this way keeps ``autograd.grad`` out of the
+        wrapped model: DDP's and DeepSpeed ZeRO-2's gradient hooks must only run in the real
+        backward (ZeRO-2 fails with an IndexError in reduce_ipg_grads otherwise).
+        """
         conv = self.decoder.conv_out
-        return conv.last_weight if getattr(conv, "last_weight", None) is not None else conv.weight
+        if conv.last_input is None:
+            raise RuntimeError("last_layer_grad needs a forward with gradients enabled first")
+        inp = conv.last_input
+
+        def grad_of(loss: Tensor) -> Tensor:
+            grad_image = torch.autograd.grad(loss, recon_leaf, retain_graph=True)[0]
+            return torch.nn.grad.conv2d_weight(inp, conv.weight.shape, grad_image.to(inp.dtype), stride=conv.stride,
+                                               padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+        return grad_of
 
     @property
     def code_dim(self) -> int:

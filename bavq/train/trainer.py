@@ -197,9 +197,7 @@ class Trainer:
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
             with sync:
                 recon, q = self.model(x)
-                logits_fake = disc_plain(recon) if gan_on else None
-                last = self.unwrapped.last_layer() if gan_on else None
-                loss, metrics = self.gen_loss(x, recon, q.loss, logits_fake, last, step)
+                loss, metrics = self._generator_loss(x, recon, q, disc_plain, step)
                 self._backward(self.model, loss, len(micro), last=i == len(micro) - 1)
             recons.append(recon.detach())
             q_metrics = q.metrics
@@ -217,6 +215,21 @@ class Trainer:
         if disc_plain is not None:
             disc_plain.requires_grad_(True)
         return {**sums, **{f"quantizer/{k}": v for k, v in q_metrics.items()}}, recons
+
+    def _generator_loss(self, x, recon, q, disc_plain, step: int) -> tuple[torch.Tensor, dict]:
+        """The generator loss to back-propagate. With the GAN on, the image losses are evaluated on a
+        detached leaf copy of the reconstruction (the adaptive weight needs gradients w.r.t. the last
+        layer, which must not run the wrapped model's gradient hooks early), and the model gets the
+        surrogate <recon, dL/drecon> + quantizer loss, whose gradient is exactly that of L."""
+        if disc_plain is None:
+            return self.gen_loss(x, recon, q.loss, None, None, step)
+        leaf = recon.detach().requires_grad_(True)
+        grad_of = self.unwrapped.last_layer_grad(leaf)
+        image_loss, metrics = self.gen_loss(x, leaf, leaf.new_zeros(()), disc_plain(leaf), grad_of, step)
+        (grad_recon,) = torch.autograd.grad(image_loss, leaf)
+        metrics["quant_loss"] = q.loss.detach().float()
+        metrics["total"] = metrics["total"] + metrics["quant_loss"]
+        return (recon * grad_recon).sum() + q.loss, metrics
 
     def discriminator_step(self, micro, recons, step: int) -> dict:
         cfg, acc = self.cfg, self.accelerator

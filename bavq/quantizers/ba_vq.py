@@ -1,0 +1,179 @@
+"""BA-VQ: a codebook optimized by Blahut-Arimoto with an entropy term (DESIGN.md, "BA-VQ").
+
+Minimizes beta E[d] + I(X;K) - lambda H(K) by online EM. One step on the flattened batch:
+1. prior q_k = (N_k / sum N + alpha / K) / (1 + alpha), l_k = (1 - lambda) log q_k (``log_prior``
+   holds log q, recomputed whenever N changes);
+2. E-step a(x,k) = l_k - beta d(x,k), log p(k|x) = a - logsumexp_k a (chunked, fp32);
+3. hard code: nearest (argmin d) or MAP (argmax a);
+4. local sums S_k = sum_x p, M^b_k = sum_x p x, hard counts and scalars, ONE all-reduce;
+5. M-step N <- gamma N + (1-gamma) S, M <- gamma M + (1-gamma) M^b, e_k = M_k / N_k where
+   N_k > 1e-20 sum N (else e_k kept and M_k <- N_k e_k); D_hat <- 0.9 D_hat + 0.1 mean min d;
+6. straight-through output and commitment (+ optional entropy) loss (in the base class).
+beta is fixed-geometric (beta_start -> beta_end) or adaptive c D / (2 D_hat), c geometric from
+adaptive_c_start to adaptive_c_end, growth capped at (1 + max_beta_growth) per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bavq import dist
+from bavq.metrics import entropy_of_counts
+from bavq.quantizers import _ops
+from bavq.quantizers.base import Quantizer, _require
+
+_NUM_SCALARS = 5  # vectors, sum min d, sum d(x, index(x)), sum H(p(.|x)), sum_x sum_k p d
+
+
+def geometric(start: float, end: float, step: int, steps: int) -> float:
+    """start -> end geometrically over ``steps`` steps, constant at ``end`` afterwards."""
+    if steps <= 0:
+        return end
+    return start * (end / start) ** (min(step, steps) / steps)
+
+
+class BAVQ(Quantizer):
+    """Blahut-Arimoto codebook; common arguments as in :class:`Quantizer`, plus:
+
+    Args:
+        beta_mode: "fixed" (beta_start -> beta_end) or "adaptive" (c D / (2 D_hat)).
+        beta_start, beta_end, beta_anneal_steps: the fixed schedule (geometric; also the length of
+            the c schedule in adaptive mode).
+        adaptive_c_start, adaptive_c_end: the c schedule of adaptive mode.
+        max_beta_growth: adaptive beta grows by at most this factor per step (slow cooling).
+        entropy_weight: lambda; 0 textbook BA, 1 uniform prior, > 1 spreads usage.
+        prior_floor: alpha, weight of the uniform floor in the prior.
+        assign: hard code "nearest" (argmin d) or "map" (argmax a).
+        entropy_loss_weight: weight of mean_x H(p(.|x)) - H(mean_x p) in the loss; 0 = off.
+
+    Extra buffers: ``log_prior`` (K), ``beta`` (the beta of the next E-step; 0 in adaptive mode
+    until the first training batch measured D_hat) and ``d_hat`` (-1 until measured).
+    Flat statistics layout: [S (K) | M^b (K*D) | hard counts (K) | 5 scalars].
+    """
+
+    def __init__(self, num_codes: int, code_dim: int, *, beta_mode: str = "adaptive", beta_start: float = 1.0,
+                 beta_end: float = 100.0, beta_anneal_steps: int = 10000, adaptive_c_start: float = 2.0,
+                 adaptive_c_end: float = 64.0, max_beta_growth: float = 0.001, entropy_weight: float = 1.0,
+                 prior_floor: float = 0.1, assign: str = "nearest", entropy_loss_weight: float = 0.0,
+                 **common):
+        super().__init__(num_codes, code_dim, **common)
+        _require(beta_mode in ("fixed", "adaptive"), f"beta_mode must be 'fixed' or 'adaptive', got '{beta_mode}'")
+        _require(min(beta_start, beta_end, adaptive_c_start, adaptive_c_end) > 0,
+                 "beta_start, beta_end, adaptive_c_start and adaptive_c_end must be > 0")
+        _require(beta_anneal_steps >= 0, f"beta_anneal_steps must be >= 0, got {beta_anneal_steps}")
+        _require(max_beta_growth > 0, f"max_beta_growth must be > 0, got {max_beta_growth}")
+        _require(entropy_weight >= 0, f"entropy_weight must be >= 0, got {entropy_weight}")
+        _require(prior_floor > 0, f"prior_floor must be > 0, got {prior_floor}")
+        _require(assign in ("nearest", "map"), f"assign must be 'nearest' or 'map', got '{assign}'")
+        _require(entropy_loss_weight >= 0, f"entropy_loss_weight must be >= 0, got {entropy_loss_weight}")
+        self.beta_mode, self.beta_start, self.beta_end = beta_mode, beta_start, beta_end
+        self.beta_anneal_steps, self.max_beta_growth = beta_anneal_steps, max_beta_growth
+        self.adaptive_c_start, self.adaptive_c_end = adaptive_c_start, adaptive_c_end
+        self.entropy_weight, self.prior_floor = entropy_weight, prior_floor
+        self.assign, self.entropy_loss_weight = assign, entropy_loss_weight
+        self.register_buffer("log_prior", torch.full((num_codes,), -math.log(num_codes)))
+        self.register_buffer("beta", torch.tensor(beta_start if beta_mode == "fixed" else 0.0))
+        self.register_buffer("d_hat", torch.tensor(-1.0))
+
+    # ------------------------------------------------------------------ E-step
+    def _log_weight(self) -> Tensor | None:
+        """(1 - lambda) log q, or None when lambda = 1 makes it identically zero."""
+        if self.entropy_weight == 1.0:
+            return None
+        return (1.0 - self.entropy_weight) * self.log_prior
+
+    def _measure_first_d_hat(self, x: Tensor) -> None:
+        """Adaptive beta needs D_hat before the first E-step: one extra (tiny) all-reduce, once."""
+        _, min_dist = _ops.nearest_codes(x, self.codebook, self.rows_per_chunk)
+        totals = torch.stack([min_dist.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+        dist.all_reduce_sum(totals)
+        self.d_hat.fill_(float(totals[0] / totals[1].clamp_min(1.0)))
+        self.beta.fill_(self._adaptive_target(int(self.step)))
+
+    def _adaptive_target(self, step: int) -> float:
+        c = geometric(self.adaptive_c_start, self.adaptive_c_end, step, self.beta_anneal_steps)
+        return c * self.code_dim / (2.0 * max(float(self.d_hat), 1e-20))
+
+    def _train_stats(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        rows = x.detach()
+        if self.beta_mode == "adaptive" and float(self.d_hat) < 0:
+            self._measure_first_d_hat(rows)
+        beta = float(self.beta)
+        log_weight = self._log_weight()
+        st = _ops.soft_assign(rows, self.codebook, log_weight, beta, self.rows_per_chunk,
+                              nearest=self.assign == "nearest")
+        counts = torch.bincount(st.indices, minlength=self.num_codes).to(rows.dtype)
+        scalars = torch.stack([torch.tensor(float(rows.shape[0]), device=rows.device), st.min_dist.sum(),
+                               st.hard_dist.sum(), st.entropy.sum(), st.soft_dist.sum()])
+        stats = torch.cat([st.soft_counts, st.soft_sums.reshape(-1), counts, scalars])
+        extra = None
+        if self.entropy_loss_weight > 0 and torch.is_grad_enabled() and x.requires_grad:
+            extra = self.entropy_loss_weight * self._entropy_loss(x, st, log_weight, beta)
+        return st.indices, stats, extra
+
+    def _entropy_loss(self, x: Tensor, st: _ops.SoftStats, log_weight: Tensor | None, beta: float) -> Tensor:
+        """mean_x H(p(.|x)) - H(mean_x p) of this call's rows (local), with a chunked backward."""
+        n = max(x.shape[0], 1)
+        mean_p = st.soft_counts / n
+        value = st.entropy.sum() / n + torch.special.xlogy(mean_p, mean_p).sum()
+        weight = torch.zeros_like(self.log_prior) if log_weight is None else log_weight.clone()
+        log_mean_p = mean_p.clamp_min(1e-30).log()
+        return _ops.EntropyLoss.apply(x, value, self.codebook.clone(), weight, log_mean_p, beta,
+                                      self.rows_per_chunk)
+
+    def _eval_indices(self, x: Tensor) -> Tensor:
+        beta = float(self.beta)
+        if self.assign == "nearest" or beta <= 0:  # adaptive beta unknown before training: nearest
+            return _ops.nearest_codes(x, self.codebook, self.rows_per_chunk)[0]
+        log_weight = self._log_weight()
+        bias = -beta * self.codebook.square().sum(1)
+        if log_weight is not None:
+            bias = bias + log_weight
+        return _ops.best_scores(x, self.codebook, bias, 2.0 * beta, self.rows_per_chunk)
+
+    # ------------------------------------------------------------------ M-step and schedules
+    def _apply_update(self, stats: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        num_codes, dim = self.num_codes, self.code_dim
+        soft_counts = stats[:num_codes]
+        soft_sums = stats[num_codes : num_codes * (dim + 1)].view(num_codes, dim)
+        counts = stats[num_codes * (dim + 1) : num_codes * (dim + 2)]
+        n, sum_min, sum_hard, sum_entropy, sum_soft = stats[-_NUM_SCALARS:].unbind()
+        n = n.clamp_min(1.0)
+        self.ema_count.mul_(self.decay).add_(soft_counts, alpha=1.0 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(soft_sums, alpha=1.0 - self.decay)
+        alive = (self.ema_count > 1e-20 * self.ema_count.sum())[:, None]
+        codes = torch.where(alive, self.ema_sum / self.ema_count.clamp_min(1e-30)[:, None], self.codebook)
+        if self.l2_normalize:
+            codes = F.normalize(codes, dim=1)
+        self.codebook.copy_(codes)
+        self.ema_sum.copy_(torch.where(alive, self.ema_sum, self.ema_count[:, None] * self.codebook))
+        mean_min = sum_min / n
+        self.d_hat.copy_(torch.where(self.d_hat < 0, mean_min, 0.9 * self.d_hat + 0.1 * mean_min))
+        assign_entropy = sum_entropy / n
+        metrics = {
+            "beta": self.beta.clone(),  # the beta this step's E-step used
+            "distortion": sum_hard / n,
+            "distortion_soft": sum_soft / n,
+            "assign_entropy": assign_entropy,
+            "rate": entropy_of_counts(soft_counts).float() - assign_entropy,
+        }
+        return counts, metrics
+
+    def _after_update(self) -> dict[str, Tensor]:
+        total = self.ema_count.sum()
+        prior = (self.ema_count / total + self.prior_floor / self.num_codes) / (1.0 + self.prior_floor)
+        self.log_prior.copy_(prior.log())
+        step = int(self.step)
+        if self.beta_mode == "fixed":
+            self.beta.fill_(geometric(self.beta_start, self.beta_end, step, self.beta_anneal_steps))
+        else:
+            self.beta.fill_(min(self._adaptive_target(step), float(self.beta) * (1.0 + self.max_beta_growth)))
+        return {
+            "d_hat": self.d_hat.clone(),
+            "prior_entropy": -(prior * self.log_prior).sum(),
+            "prior_max_k": prior.max() * self.num_codes,
+        }

@@ -71,7 +71,7 @@ def train_main(argv: list[str] | None = None, prog: str = "bavq-train") -> int:
     except Preempted as exc:
         print(f"{prog}: {exc}; exiting with code {EXIT_PREEMPTED} so the job can be requeued", file=sys.stderr)
         return EXIT_PREEMPTED
-    if trainer.accelerator.is_main_process:
+    if final is not None and trainer.accelerator.is_main_process:
         print(format_metrics_table(final, trainer.run_dir))
     return 0
 
@@ -157,3 +157,34 @@ def _run_eval(cfg, state: dict, work_dir):
 
 def eval_entry() -> None:
     sys.exit(eval_main())
+
+
+def export_main(argv: list[str] | None = None, prog: str = "bavq-export") -> int:
+    """Consolidated generator weights (safetensors) from a checkpoint; DeepSpeed ZeRO shards are
+    merged by DeepSpeed's own zero_to_fp32."""
+    p = OneLineParser(prog=prog, description="Write consolidated safetensors weights of a checkpoint's generator.")
+    p.add_argument("checkpoint", help="checkpoint folder (RUN/checkpoints/step_XXXXXXXX) or run folder")
+    p.add_argument("--out", help="output .safetensors (default: CHECKPOINT/generator.safetensors)")
+    args = p.parse_args(argv)
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from bavq.train.checkpoint import load_generator_state
+
+    try:
+        state, folder = load_generator_state(args.checkpoint)
+    except (ConfigError, FileNotFoundError) as exc:
+        return fail(prog, str(exc).splitlines()[0])
+    out = Path(args.out) if args.out else folder / "generator.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    if (folder / "config.yaml").is_file() and not (out.parent / "config.yaml").exists():
+        shutil.copy(folder / "config.yaml", out.parent / "config.yaml")
+    print(f"wrote {out} ({len(state)} tensors)")
+    return 0
+
+
+def export_entry() -> None:
+    sys.exit(export_main())

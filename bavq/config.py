@@ -132,6 +132,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept besides the every-keep_every ones
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = off
     resume: str = "auto"  # "auto" (latest if any), "none", or a checkpoint folder
+    stop_at_step: int = 0  # end this job (checkpoint, exit 0) at this global step; a rerun resumes. 0 = off
     check_codebook_sync: bool = True  # compare a codebook checksum across ranks at each log step
     output_dir: str = "experiments"  # runs go to output_dir/name
     name: str = "run"  # run name
@@ -286,6 +287,7 @@ def validate(cfg: Config) -> Config:
     for key in ("eval_every", "save_every", "keep_every"):
         _check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
     _check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    _check(t.stop_at_step >= 0, "train.stop_at_step", "must be >= 0")
     _check(bool(t.name) and "/" not in t.name, "train.name", "must be a non-empty name without '/'")
     _check(cfg.log.usage_window >= 1, "log.usage_window", "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")

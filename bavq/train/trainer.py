@@ -140,9 +140,14 @@ class Trainer:
             self._loop()
             last = ckpt.list_checkpoints(self.ckpt_root)
             if not last or ckpt.checkpoint_step(last[-1]) != self.state.step:
-                self.save()  # the end of training is always resumable (and exportable)
+                self.save()  # the end of training (or of this job) is always resumable and exportable
         finally:
             self.preempt.uninstall()
+        if self.state.step < self.total_steps:  # train.stop_at_step ended this job early
+            self.logger.print(f"stopped at step {self.state.step} of {self.total_steps} (train.stop_at_step); "
+                              "run the same command again to continue")
+            self.logger.close()
+            return None
         final = self.final_evaluation()
         self.logger.close()
         return final
@@ -152,7 +157,8 @@ class Trainer:
         batches = self.stream.iterate(start_batch=self.state.step * cfg.train.grad_accum)
         bar = self._progress_bar()
         t_last, samples_last = time.time(), self.state.samples_seen
-        while self.state.step < self.total_steps:
+        end = min(self.total_steps, cfg.train.stop_at_step or self.total_steps)
+        while self.state.step < end:
             step = self.state.step
             t0 = time.time()
             set_lr(self.opt_g, lr_at(step, self.total_steps, cfg.train.lr, cfg.train))
@@ -319,6 +325,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             ckpt.clean_partial(self.ckpt_root)
         self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         path = ckpt.find_resume_checkpoint(self.cfg.train.resume, self.ckpt_root, log=self.logger.print)
         if path is None:
             return
@@ -330,6 +338,8 @@ class Trainer:
     def _handle_preemption(self) -> None:
         self.logger.print(f"preemption signal ({self.preempt.signal_name or 'on another rank'}): saving")
         self.save()
+        if self.accelerator.is_main_process:  # launchers turn our exit code 75 into 1: leave a marker too
+            (self.run_dir / "PREEMPTED").write_text(f"{self.state.step}\n")
         if self.accelerator.is_main_process and dist.under_slurm():
             ok, msg = dist.slurm_requeue()
             self.logger.print(msg)

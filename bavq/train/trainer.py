@@ -7,6 +7,7 @@ gradient all-reduce and the quantizer's statistics all-reduce (bavq.dist).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -261,8 +262,10 @@ class Trainer:
             return None
         from tqdm import tqdm
 
+        # In a batch job's log file a bar redrawn every step would bury everything else.
+        interactive = sys.stderr.isatty()
         return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.train.name,
-                    unit="step", dynamic_ncols=True)
+                    unit="step", dynamic_ncols=True, mininterval=0.5 if interactive else 60.0)
 
     def _log_training(self, metrics: dict, samples_per_s: float, bar) -> None:
         """Average per-rank losses over ranks (quantizer metrics are already global), log, check sync."""

@@ -44,7 +44,7 @@ class QuantizerConfig:
     init: str = "random"  # "random" (Gaussian codes) or "data" (codes from the first global batch)
     dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this; 0 = off
     l2_normalize: bool = False  # put inputs and codes on the unit sphere before quantizing
-    # --- BA-VQ only ---
+    # BA-VQ only:
     beta_mode: str = "adaptive"  # "fixed" (beta_start -> beta_end) or "adaptive" (c*D / 2*D_hat)
     beta_start: float = 1.0  # fixed mode: inverse temperature at step 0
     beta_end: float = 100.0  # fixed mode: inverse temperature after beta_anneal_steps (geometric)
@@ -319,3 +319,44 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
+
+
+SECTIONS = {"quantizer": QuantizerConfig, "model": ModelConfig, "loss": LossConfig, "data": DataConfig,
+            "train": TrainConfig, "log": LogConfig, "eval": EvalConfig}
+
+
+def field_docs() -> dict[str, tuple[str, str]]:
+    """{'section.key': (default, doc)} from the one-line comments in this file (the single source of
+    the configuration reference in the README: ``python -m bavq.config``)."""
+    import inspect
+    import re
+
+    docs = {}
+    for section, cls in SECTIONS.items():
+        source = inspect.getsource(cls)
+        pending = []
+        for line in source.splitlines()[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                pending.append(stripped.lstrip("# ").strip())
+                continue
+            m = re.match(r"(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", stripped)
+            if m:
+                default = m.group(2)
+                factory = re.match(r"field\(default_factory=lambda: (.+)\)$", default)
+                default = factory.group(1) if factory else ("[]" if "default_factory=list" in default else default)
+                doc = " ".join(pending + ([m.group(3)] if m.group(3) else []))
+                docs[f"{section}.{m.group(1)}"] = (default, doc)
+            pending = []
+    return docs
+
+
+def markdown_reference() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, (default, doc) in field_docs().items():
+        lines.append(f"| `{key}` | `{default}` | {doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

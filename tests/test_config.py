@@ -65,3 +65,16 @@ def test_bad_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
+
+
+def test_every_field_is_documented_in_the_readme():
+    from pathlib import Path
+
+    from bavq.config import field_docs
+
+    docs = field_docs()
+    assert len(docs) > 80
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key, (_default, doc) in docs.items():
+        assert doc, f"{key} has no one-line doc comment in bavq/config.py"
+        assert f"`{key}`" in readme, f"{key} is missing from the README's configuration reference"

@@ -115,3 +115,11 @@ def write_final_outputs(run_dir: Path, cfg: Config, model, result: EvalResult, e
     tmp.write_text(json.dumps(final, indent=2))
     tmp.replace(run_dir / "final_metrics.json")
     return final
+
+
+if __name__ == "__main__":  # `torchrun --nproc_per_node N -m bavq.evaluate RUN ...` = bavq-eval on N ranks
+    import sys
+
+    from bavq.cli import eval_main
+
+    sys.exit(eval_main(prog="python -m bavq.evaluate"))

@@ -1,0 +1,78 @@
+"""bavq-eval: whole-split evaluation over 1 and 2 ranks equals a direct computation from indices."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_train import ROOT, make_image_folder, run_cli, tiny_overrides
+
+from bavq.config import load_config
+from bavq.data import build_eval_loader
+from bavq.models import build_model
+from bavq.quantizers import build_quantizer
+from bavq.train.checkpoint import load_generator_state
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalrun")
+    data = make_image_folder(tmp / "images", per_class=30)
+    proc = run_cli(tiny_overrides(data, tmp / "out", "ba_vq", batch=8, steps=3) + ["--name=r"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out" / "r"
+
+
+def direct_histogram(run) -> tuple[np.ndarray, int]:
+    cfg = load_config(run / "config.yaml")
+    state, _ = load_generator_state(run)
+    model = build_model(cfg, build_quantizer(cfg.quantizer)).eval()
+    model.load_state_dict(state)
+    hist, images, keys = np.zeros(cfg.quantizer.num_codes, dtype=np.int64), 0, []
+    with torch.no_grad():
+        for x, batch_keys in build_eval_loader(cfg, 0, 1):
+            _, q = model(x)
+            hist += np.bincount(q.indices.flatten().numpy(), minlength=cfg.quantizer.num_codes)
+            images += x.shape[0]
+            keys += list(batch_keys)
+    assert len(keys) == len(set(keys)) == images
+    return hist, images
+
+
+def run_eval(run, out, nproc: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*launcher, "-m", "bavq.evaluate", str(run), "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_eval_matches_direct_computation(trained_run, tmp_path, nproc):
+    hist, images = direct_histogram(trained_run)
+    result = run_eval(trained_run, tmp_path / "eval.json", nproc)
+    saved = np.load(tmp_path / "eval.histogram.npy")
+    np.testing.assert_array_equal(saved, hist)  # every held-out image counted exactly once
+    assert result["images"] == images and result["world_size"] == nproc
+    p = hist[hist > 0] / hist.sum()
+    assert result["codebook_usage"] == pytest.approx((hist > 0).mean())
+    assert result["dead_codes"] == int((hist == 0).sum())
+    assert result["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-5)
+    final = json.loads((trained_run / "final_metrics.json").read_text())
+    assert result["codebook_usage"] == pytest.approx(final["codebook_usage"])
+    assert result["psnr"] == pytest.approx(final["psnr"], rel=1e-5)
+
+
+def test_eval_bad_checkpoint_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bavq.evaluate", str(tmp_path / "nothing")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

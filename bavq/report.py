@@ -311,7 +311,7 @@ def _finish(fig, axes: dict, path: Path, legend: list, empty_note: str, has_data
     if legend:
         fig.legend(handles=legend, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long variant labels must not be cut off
     _pyplot().close(fig)
 
 

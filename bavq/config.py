@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+
+# omegaconf is imported inside the functions that merge configs, so the dataclasses (and with them
+# bavq.models / bavq.quantizers) import on machines without it, e.g. the bare GPU benchmark box.
 
 QUANTIZERS = ("vq_ema", "ba_vq")
 ARCHS = ("vqvae", "vqgan")
@@ -165,7 +166,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _one_line(exc: OmegaConfBaseException) -> str:
+def _one_line(exc) -> str:
     msg = str(exc).strip().splitlines()[0]
     key = getattr(exc, "full_key", None)
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
@@ -173,6 +174,9 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides; validated."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     base = OmegaConf.structured(Config)
     try:
         if path:
@@ -301,6 +305,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of :func:`to_dict`, with the same key and type checks as a YAML file."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
     except OmegaConfBaseException as exc:
@@ -309,6 +316,8 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 

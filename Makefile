@@ -37,6 +37,7 @@ fashion-mnist:
 # The main job: Fashion-MNIST -> WebDataset shards -> 2-process training (CPU: gloo) -> metrics table.
 demo: install fashion-mnist
 	$(BIN)/bavq-prep write --source fashion_mnist --output data/fmnist_shards --samples_per_shard 5000
+	rm -rf experiments/demo_ba_vq  # the demo always starts over (train.resume=none refuses old checkpoints)
 	$(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no \
 	  --dynamo_backend no -m bavq.train --config configs/demo.yaml --name demo_ba_vq --no_wandb train.resume=none
 

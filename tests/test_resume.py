@@ -144,6 +144,8 @@ def test_resume_with_different_quantizer_is_refused(image_folder, tmp_path):
     changed = run_cli([a for a in args if not a.startswith("--codebook_size")] + ["--codebook_size=64"])
     assert changed.returncode == 2
     assert "resume refused: quantizer.num_codes" in changed.stderr and "Traceback" not in changed.stderr
+    fresh = run_cli(args + ["--resume=none"])  # starting over would overwrite the run's checkpoints
+    assert fresh.returncode == 2 and "already holds checkpoints" in fresh.stderr
 
 
 @pytest.mark.slow

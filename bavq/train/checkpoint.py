@@ -139,6 +139,9 @@ def clean_partial(root: Path) -> None:
 def _pick_checkpoint(resume: str, root: Path, log) -> Path | None:
     """Rank-0 logic of :func:`find_resume_checkpoint`."""
     if resume == "none":
+        if list_checkpoints(root):  # a fresh run here would overwrite and prune them
+            raise ConfigError(f"train.resume=none but {root} already holds checkpoints; use a new --name, "
+                              "resume them (train.resume=auto), or delete the run folder")
         return None
     if resume != "auto":
         path = Path(resume)
@@ -159,6 +162,8 @@ def _pick_checkpoint(resume: str, root: Path, log) -> Path | None:
         if reason is None:
             return path
         log(f"WARNING: skipping damaged checkpoint: {reason}; trying the previous one")
+    if candidates:  # starting over would overwrite (and prune) them
+        raise ConfigError(f"{root} holds checkpoints but none is intact; move them away or pass --resume PATH")
     return None
 
 

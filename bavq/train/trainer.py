@@ -332,11 +332,24 @@ class Trainer:
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         path = ckpt.find_resume_checkpoint(self.cfg.train.resume, self.ckpt_root, log=self.logger.print)
         if path is None:
+            self._archive_previous_outputs()
             return
         for note in ckpt.check_resume_compatible(self.cfg, path):
             self.logger.print(f"NOTE: resuming with a changed setting: {note}")
         self.accelerator.load_state(str(path))
         self.logger.print(f"resumed from {path} at step {self.state.step} ({self.state.samples_seen} samples)")
+
+    def _archive_previous_outputs(self) -> None:
+        """A fresh start in a folder with outputs of an earlier attempt (no checkpoint to resume):
+        keep them under a new name rather than appending to or silently replacing them."""
+        if not self.accelerator.is_main_process:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for name in ("metrics.jsonl", "final_metrics.json"):
+            old = self.run_dir / name
+            if old.exists():
+                old.rename(self.run_dir / f"{name}.previous-{stamp}")
+                self.logger.print(f"NOTE: starting over; kept the earlier {name} as {name}.previous-{stamp}")
 
     def _handle_preemption(self) -> None:
         self.logger.print(f"preemption signal ({self.preempt.signal_name or 'on another rank'}): saving")

@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -242,52 +241,22 @@ def run_case(case: dict, opts: dict) -> dict:
             "grad_reduce_s_isolated": isolated_allreduce_seconds(grad_numel, 2)}
 
 
-def _worker(rank: int, world: int, init_file: str, cases: list[dict], opts: dict, queue) -> None:
-    """Spawned rank: (1) optionally every case as an independent single process, at the same time as
-    the other ranks (no process group: what sharing the machine costs without communication);
-    (2) join the gloo group and run every case distributed. Sends back this rank's records."""
-    import torch.distributed as torch_dist
-
+def _rank_cases(rank: int, world: int, cases: list[dict], opts: dict) -> list[dict]:
+    """One spawned rank: every case, either as an independent process running at the same time as
+    the others (no process group: what sharing the machine costs without communication) or inside
+    the gloo group; returns this rank's records."""
     torch.set_num_threads(opts["threads"])
-    try:
-        records = []
-        if opts["concurrent_baseline"]:
-            records += [{**run_case(case, opts), "concurrent_processes": world} for case in cases]
-        torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        records += [{**run_case(case, opts), "concurrent_processes": world} for case in cases]
-        queue.put((rank, True, records))
-    except BaseException as exc:  # noqa: BLE001 - report the failure to the parent instead of hanging
-        queue.put((rank, False, f"{type(exc).__name__}: {exc}"))
-    finally:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+    return [{**run_case(case, opts), "concurrent_processes": world} for case in cases]
 
 
 def run_distributed(cases: list[dict], opts: dict, world: int, timeout: float = 1800.0) -> list[dict]:
-    """Run ``cases`` in ``world`` spawned gloo processes (see :func:`_worker`); rank 0's records."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world, init_file, cases, opts, queue))
-                 for r in range(world)]
-        for proc in procs:
-            proc.start()
-        results = {}
-        try:
-            for _ in range(world):
-                rank, ok, payload = queue.get(timeout=timeout)
-                if not ok:
-                    raise RuntimeError(f"rank {rank} failed: {payload}")
-                results[rank] = payload
-        finally:
-            for proc in procs:
-                proc.join(timeout=30)
-                if proc.is_alive():
-                    proc.kill()
-    return results[0]
+    """Rank 0's records of ``cases`` in ``world`` spawned processes: first (optionally) as independent
+    concurrent processes, then as one gloo group."""
+    records = []
+    if opts["concurrent_baseline"]:
+        records += dist.spawn_local(_rank_cases, world, cases, opts, init_group=False, timeout=timeout)[0]
+    records += dist.spawn_local(_rank_cases, world, cases, opts, timeout=timeout)[0]
+    return records
 
 
 def weak_scaling(records: list[dict]) -> list[dict]:

@@ -22,6 +22,8 @@ from urllib.parse import quote
 import numpy as np
 import yaml
 
+from bavq.diagnostics import diagnostics_rows
+
 FINAL = "final_metrics.json"
 # (key in final_metrics.json, column title, number format, scale applied before formatting)
 METRICS = (
@@ -474,6 +476,9 @@ def write_index(out: Path, title: str, runs: list[Run], summary: list[dict], gri
     md += [f"- {n}" for n in notes] + [""]
     for heading, rel, caption in sections:
         md += [f"## {heading}", "", f"![{heading}]({rel})", "", caption, ""]
+    diagnostics = diagnostics_rows(runs)
+    if len(diagnostics) > 1:
+        md += ["## BA-VQ diagnostics (last logged training step, mean over seeds)", "", markdown_table(diagnostics), ""]
     md += ["## Runs", "", markdown_table(per_run), ""]
     (out / "index.md").write_text("\n".join(md))
     esc = html.escape
@@ -484,6 +489,8 @@ def write_index(out: Path, title: str, runs: list[Run], summary: list[dict], gri
             "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"]
     for heading, rel, caption in sections:
         page.append(f"<h2>{esc(heading)}</h2><img src='{esc(rel)}' alt='{esc(heading)}'><p>{esc(caption)}</p>")
+    if len(diagnostics) > 1:
+        page += ["<h2>BA-VQ diagnostics (last logged training step, mean over seeds)</h2>", html_table(diagnostics)]
     page += ["<h2>Runs</h2>", html_table(per_run), "</body></html>"]
     (out / "index.html").write_text("\n".join(page))
 
@@ -515,6 +522,8 @@ def write_report(paths: list[str], out: str | Path, title: str = "bavq report") 
     grids = {r.name: f"grids/{quote(r.name)}.png" for r in sorted(runs, key=lambda r: (_sort_key(r), str(r.seed)))
              if plot_grid(r, out / "grids" / f"{r.name}.png")}
     (out / "table.md").write_text(markdown_table(table_rows(summary)) + "\n")
+    diagnostics = diagnostics_rows(runs)
+    (out / "diagnostics.md").write_text(markdown_table(diagnostics) + "\n" if len(diagnostics) > 1 else "")
     write_index(out, title, runs, summary, grids)
     result = {"groups": summary,
               "runs": [{"name": r.name, "path": str(r.path), "variant": r.variant, "num_codes": r.num_codes,

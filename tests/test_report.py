@@ -199,3 +199,14 @@ def test_training_curves_use_each_runs_logged_key_and_the_final_evaluation(tmp_p
     assert (steps, rounded(100 * mean * i / 3 for i in (1, 2, 3))) in lines
     # held-out dots: the eval row at step 50 and the final evaluation at step 100
     assert ((50.0, 100.0), (50.0, 50.0)) in lines and ((50.0, 100.0), (80.0, 80.0)) in lines
+
+
+def test_ba_vq_diagnostics_table_averages_the_last_logged_row(four_runs, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(four_runs), "--out", str(out)]) == 0
+    text = (out / "diagnostics.md").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| BA-VQ")]
+    assert len(lines) == 1 and "VQ-EMA" not in text  # only BA-VQ runs carry β
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert cells[1] == "64" and cells[2] == "2" and cells[3] == "6"  # last β of the fake runs is 2 * 3
+    assert "BA-VQ diagnostics" in (out / "index.md").read_text()

@@ -131,7 +131,10 @@ def test_gpu_check_blocks_modules_absent_on_the_gpu_machine():
 def test_gpu_check_refuses_to_run_without_a_gpu_unless_dry_run(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    from benchmarks import gpu_check
-
-    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    # In a subprocess: importing gpu_check blocks deepspeed/wandb/webdataset for the whole process,
+    # which would break later tests that need them.
+    code = f"import sys, benchmarks.gpu_check as g; sys.exit(g.main(['--out', {str(tmp_path)!r}]))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert not (tmp_path / "gpu_check.json").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bavq import dist
 from bavq.config import QUANTIZERS, ConfigError, load_config
 
 EXIT_USAGE = 2
@@ -70,9 +71,11 @@ def train_main(argv: list[str] | None = None, prog: str = "bavq-train") -> int:
         return fail(prog, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except Preempted as exc:
         print(f"{prog}: {exc}; exiting with code {EXIT_PREEMPTED} so the job can be requeued", file=sys.stderr)
+        dist.shutdown()  # every rank agreed on the preemption and saved
         return EXIT_PREEMPTED
     if final is not None and trainer.accelerator.is_main_process:
         print(format_metrics_table(final, trainer.run_dir))
+    dist.shutdown()
     return 0
 
 
@@ -129,6 +132,7 @@ def eval_main(argv: list[str] | None = None, prog: str = "bavq-eval") -> int:
         np.save(out.with_suffix(".histogram.npy"), hist)
         print(json.dumps(summary, indent=2))
         print(f"wrote {out} and {out.with_suffix('.histogram.npy')}")
+    dist.shutdown()
     return 0
 
 

@@ -111,6 +111,15 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def shutdown() -> None:
+    """Wait for every rank, then tear the process group down. A process that exits with a live gloo
+    group can abort in C++ teardown ("terminate called without an active exception") and make the
+    launcher kill ranks that are still finishing; call this at the end of every successful run."""
+    if is_initialized():
+        barrier()
+        torch_dist.destroy_process_group()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one rank (e.g. a preemption signal)."""
     t = torch.tensor([1.0 if flag else 0.0])

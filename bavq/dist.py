@@ -39,7 +39,7 @@ def launcher_local_rank() -> int:
 
 def launched_by_distributed_launcher() -> bool:
     """True under torchrun / accelerate launch with several processes (they set LOCAL_RANK)."""
-    return "LOCAL_RANK" in os.environ and launcher_world_size() >= 1
+    return "LOCAL_RANK" in os.environ
 
 
 def is_initialized() -> bool:

@@ -41,7 +41,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_model(model, loader, cfg: Config, device, limit_batches: int | None = None) -> EvalResult:
+def evaluate_model(model, loader, cfg: Config, device) -> EvalResult:
     """Evaluate ``model`` (unwrapped, eval mode: the codebook does not change) on ``loader``."""
     was_training = model.training
     model.eval()
@@ -49,9 +49,7 @@ def evaluate_model(model, loader, cfg: Config, device, limit_batches: int | None
     sums = torch.zeros(4, dtype=torch.float64)  # psnr, ssim, images, l1
     fid = _make_fid(cfg, device)
     samples = {}
-    for i, (images, _keys) in enumerate(loader):
-        if limit_batches is not None and i >= limit_batches:
-            break
+    for images, _keys in loader:
         images = images.to(device, non_blocking=True)
         recon, q = model(images)
         recon = recon.float().clamp(-1, 1)

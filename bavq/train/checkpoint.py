@@ -153,10 +153,9 @@ def _pick_checkpoint(resume: str, root: Path, log) -> Path | None:
         return path
     candidates = list_checkpoints(root)
     latest = root / "latest"
-    if latest.is_file():  # the pointer wins; older folders are the fall-back
-        named = root / latest.read_text().strip()
-        candidates = [p for p in candidates if checkpoint_step(p) <= checkpoint_step(named)] if named.is_dir() \
-            else candidates
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    if named is not None and named.is_dir():  # the pointer wins; older folders are the fall-back
+        candidates = [p for p in candidates if checkpoint_step(p) <= checkpoint_step(named)]
     for path in reversed(candidates):
         reason = verify_checkpoint(path)
         if reason is None:

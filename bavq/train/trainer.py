@@ -95,8 +95,6 @@ class Trainer:
             self._select("disc")
             self.disc, self.opt_d = acc.prepare(disc, opt_d)
             self._select("gen")
-        # DeepSpeed's bf16 mode casts every buffer of the module; the codebook stays fp32 (DESIGN.md)
-        self.unwrapped.quantizer.float()
         self.input_dtype = torch.bfloat16 if self.deepspeed and cfg.train.mixed_precision == "bf16" else None
         self.ema = None
         if cfg.train.ema_decay > 0:
@@ -297,16 +295,17 @@ class Trainer:
         if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
             raise RuntimeError(f"codebooks differ across ranks at step {self.state.step}: checksums {sums}")
 
-    def evaluate(self, limit_batches: int | None = None) -> dict:
+    def _evaluate(self):
+        """The held-out split through the weight EMA when on, else the live model (all ranks)."""
         model = self.ema.module if self.ema is not None else self.unwrapped
         loader = build_eval_loader(self.cfg, self.rank, self.world)
-        result = evaluate_model(model, loader, self.cfg, self.accelerator.device, limit_batches=limit_batches)
-        return result.summary()
+        return model, evaluate_model(model, loader, self.cfg, self.accelerator.device)
+
+    def evaluate(self) -> dict:
+        return self._evaluate()[1].summary()
 
     def final_evaluation(self) -> dict:
-        model = self.ema.module if self.ema is not None else self.unwrapped
-        loader = build_eval_loader(self.cfg, self.rank, self.world)
-        result = evaluate_model(model, loader, self.cfg, self.accelerator.device)
+        model, result = self._evaluate()
         extra = {"steps": self.state.step, "samples_seen": self.state.samples_seen,
                  "wall_seconds": round(self.state.wall_seconds, 2), "world_size": self.world,
                  "codebook_checksums": dist.all_gather_object(tensor_checksum(self.quantizer.codebook))}

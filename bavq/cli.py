@@ -137,19 +137,19 @@ def eval_main(argv: list[str] | None = None, prog: str = "bavq-eval") -> int:
 
 
 def _run_eval(cfg, state: dict, work_dir):
-    """Build the model with the checkpoint's weights and evaluate on every rank; main gets the summary."""
+    """Build a plain fp32 model with the checkpoint's weights and evaluate on every rank; main gets the
+    summary. Evaluation needs no DeepSpeed engine and no mixed-precision wrapper whatever trained the
+    weights: the Accelerator here only joins the launcher's process group and picks the device."""
+    import dataclasses
+
     from bavq.data import build_eval_loader
     from bavq.evaluate import evaluate_model
-    from bavq.models import build_model
-    from bavq.quantizers import build_quantizer
+    from bavq.models import plain_generator
     from bavq.train.backend import make_accelerator
 
-    accelerator = make_accelerator(cfg, str(work_dir), None)
-    model = build_model(cfg, build_quantizer(cfg.quantizer))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"weights do not fit the config's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.to(accelerator.device)
+    plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend="ddp", mixed_precision="no"))
+    accelerator = make_accelerator(plain, str(work_dir), None)
+    model = plain_generator(cfg, state, accelerator.device)
     loader = build_eval_loader(cfg, accelerator.process_index, accelerator.num_processes)
     result = evaluate_model(model, loader, cfg, accelerator.device)
     accelerator.wait_for_everyone()

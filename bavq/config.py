@@ -153,6 +153,7 @@ class EvalConfig:
     batch_size: int = 256  # images per rank during evaluation
     inception_weights: str = ""  # local path of the FID Inception weights; empty = rFID is null
     num_recon_images: int = 16  # images saved in the reconstruction grid
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast over fp32 weights); codebook math stays fp32
 
 
 @dataclass
@@ -295,6 +296,7 @@ def validate(cfg: Config) -> Config:
     _check(bool(t.name) and "/" not in t.name, "train.name", "must be a non-empty name without '/'")
     _check(cfg.log.usage_window >= 1, "log.usage_window", "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _one_of(cfg.eval.precision, "eval.precision", ("fp32", "bf16"))
     return cfg
 
 

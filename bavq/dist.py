@@ -6,6 +6,7 @@ they are no-ops, so one process and R processes run the same code (vector-quanti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -58,29 +59,82 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def comm_device() -> torch.device:
+    """The device of every tensor that enters a collective: the one place that decides it.
+
+    NCCL serves CUDA tensors only (this rank's current GPU); gloo and a single process use the CPU.
+    Allocate with ``device=dist.comm_device()`` (or :func:`tensor`) and move results elsewhere only
+    after the reduction (DESIGN.md, "Devices").
+    """
+    if is_initialized() and "nccl" in str(torch_dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def tensor(values, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A new tensor of ``values`` on :func:`comm_device`, ready for a collective."""
+    return torch.as_tensor(values, dtype=dtype, device=comm_device())
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.type != "cuda" or (a.index if a.index is not None else torch.cuda.current_device()) == b.index
+
+
+_recorders: list[list] = []  # see record_collectives()
+
+
+def _collective(op: str, tensor: torch.Tensor) -> bool:
+    """Check ``tensor`` against the communication device and record the call; True when a process
+    group exists and the collective must run. Checked even in a one-rank group, so that a one-GPU
+    NCCL run exposes a misplaced tensor as clearly as a multi-GPU one."""
+    if not is_initialized():
+        return False
+    device = comm_device()
+    for log in _recorders:
+        log.append((op, tensor.device, tensor.dtype, tuple(tensor.shape)))
+    if not _same_device(tensor.device, device):
+        raise RuntimeError(f"dist.{op}: a tensor on {tensor.device} entered a collective that runs on {device} "
+                           f"({torch_dist.get_backend()}); allocate it with device=dist.comm_device()")
+    return True
+
+
+@contextlib.contextmanager
+def record_collectives():
+    """Record (op, device, dtype, shape) of every collective issued through this module (tests)."""
+    log: list = []
+    _recorders.append(log)
+    try:
+        yield log
+    finally:
+        _recorders.remove(log)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` in place over all ranks; a no-op in a single process. Returns it."""
-    if is_initialized() and get_world_size() > 1:
+    if _collective("all_reduce_sum", tensor):
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Max of ``tensor`` in place over all ranks; a no-op in a single process."""
-    if is_initialized() and get_world_size() > 1:
+    if _collective("all_reduce_max", tensor):
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return tensor
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Copy rank ``src``'s ``tensor`` to every rank in place; a no-op in a single process."""
-    if is_initialized() and get_world_size() > 1:
+    if _collective("broadcast", tensor):
         torch_dist.broadcast(tensor, src=src)
     return tensor
 
 
 def broadcast_object(obj, src: int = 0):
-    """Return rank ``src``'s picklable ``obj`` on every rank."""
+    """Return rank ``src``'s picklable ``obj`` on every rank (torch moves the pickle to the
+    communication device itself)."""
     if not (is_initialized() and get_world_size() > 1):
         return obj
     box = [obj]
@@ -99,7 +153,7 @@ def all_gather_object(obj) -> list:
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0 in rank order (same shape on every rank)."""
-    if not (is_initialized() and get_world_size() > 1):
+    if not _collective("all_gather_cat", tensor):
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
     torch_dist.all_gather(parts, tensor.contiguous())
@@ -122,8 +176,10 @@ def shutdown() -> None:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one rank (e.g. a preemption signal)."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    return bool(all_reduce_max(t).item() > 0)
+    if not is_initialized():
+        return flag
+    # One host sync per call (the answer decides a branch on every rank), on a one-element tensor.
+    return bool(all_reduce_max(tensor([1.0 if flag else 0.0], torch.float32)).item() > 0)
 
 
 # ----------------------------------------------------------------------------- local processes

@@ -9,6 +9,7 @@ one it is reported as null with the reason, never estimated.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,28 +43,37 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_model(model, loader, cfg: Config, device) -> EvalResult:
-    """Evaluate ``model`` (unwrapped, eval mode: the codebook does not change) on ``loader``."""
+    """Evaluate ``model`` (a plain, unwrapped module; eval mode, so the codebook does not change) on
+    ``loader``. Images enter in the model's parameter dtype (fp32 for the plain models that
+    :func:`bavq.models.plain_generator` builds), under bf16 autocast when ``eval.precision=bf16``;
+    metrics are computed from the fp32 originals. Per-batch sums stay on ``device`` (no host sync
+    per batch) and are reduced once, on the communication device, at the end."""
     was_training = model.training
     model.eval()
+    model_dtype = next(model.parameters()).dtype
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=cfg.eval.precision == "bf16")
     stats = CodebookStats(cfg.quantizer.num_codes)
-    sums = torch.zeros(4, dtype=torch.float64)  # psnr, ssim, images, l1
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, images, l1
     fid = _make_fid(cfg, device)
     samples = {}
     for images, _keys in loader:
-        images = images.to(device, non_blocking=True)
-        recon, q = model(images)
+        images = images.to(device, non_blocking=True).float()
+        with autocast:
+            recon, q = model(images.to(model_dtype))
         recon = recon.float().clamp(-1, 1)
         stats.update(q.indices)
-        sums += torch.tensor([psnr_per_image(images, recon).sum().item(), ssim_per_image(images, recon).sum().item(),
-                              images.shape[0], (images - recon).abs().mean(dim=(1, 2, 3)).sum().item()],
-                             dtype=torch.float64)
+        psnr = psnr_per_image(images, recon)
+        sums += torch.stack([psnr.sum(), ssim_per_image(images, recon).double().sum(),
+                             psnr.new_tensor(float(images.shape[0])),
+                             (images - recon).abs().mean(dim=(1, 2, 3)).double().sum()])
         if fid is not None:
             fid.update(images, recon)
         if not samples:
             n = cfg.eval.num_recon_images
             samples = {"images": images[:n].cpu(), "recon": recon[:n].cpu()}
     stats.reduce()
-    dist.all_reduce_sum(sums)
+    sums = dist.all_reduce_sum(sums.to(dist.comm_device())).cpu()
     model.train(was_training)
     n = max(1.0, sums[2].item())
     rfid, reason = (fid.compute(), None) if fid is not None else (None, _no_fid_reason(cfg))
@@ -96,7 +106,10 @@ def save_image_grid(samples: dict, path: Path) -> None:
 
 
 def write_final_outputs(run_dir: Path, cfg: Config, model, result: EvalResult, extra: dict, is_main: bool) -> dict:
-    """final_metrics.json, final_model.safetensors/.pt, code histogram and a reconstruction grid."""
+    """final_metrics.json, final_model.safetensors/.pt (fp32), code histogram and a reconstruction grid.
+
+    Every file is written to a temporary name and renamed into place, so a kill mid-write leaves
+    the previous complete file or none (``bavq-eval`` prefers ``final_model.safetensors``)."""
     final = {"quantizer": cfg.quantizer.name, "num_codes": cfg.quantizer.num_codes, **result.summary(), **extra}
     final.setdefault("rfid_reason", None)
     if not is_main:
@@ -104,15 +117,27 @@ def write_final_outputs(run_dir: Path, cfg: Config, model, result: EvalResult, e
     run_dir = Path(run_dir)
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(run_dir / "final_model.safetensors"))
-    torch.save({"state_dict": state, "config": to_dict(cfg)}, run_dir / "final_model.pt")
-    np.save(run_dir / "code_histogram.npy", result.histogram)
-    save_image_grid(result.samples, run_dir / "reconstructions.png")
-    tmp = run_dir / "final_metrics.json.tmp"
-    tmp.write_text(json.dumps(final, indent=2))
-    tmp.replace(run_dir / "final_metrics.json")
+    state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    _atomic(run_dir / "final_model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    _atomic(run_dir / "final_model.pt", lambda tmp: torch.save({"state_dict": state, "config": to_dict(cfg)}, tmp))
+    _atomic(run_dir / "code_histogram.npy", lambda tmp: np.save(tmp, result.histogram))
+    if result.samples:
+        _atomic(run_dir / "reconstructions.png", lambda tmp: save_image_grid(result.samples, tmp))
+    _atomic(run_dir / "final_metrics.json", lambda tmp: tmp.write_text(json.dumps(final, indent=2)))
     return final
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # keeps the suffix (np.save, PNG)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":  # `torchrun --nproc_per_node N -m bavq.evaluate RUN ...` = bavq-eval on N ranks

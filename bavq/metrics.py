@@ -55,17 +55,18 @@ class CodebookStats:
         """Sum the histogram over all ranks (collective: every rank must call it, once)."""
         if self._reduced:
             raise RuntimeError("CodebookStats.reduce() called twice; it would double the counts")
-        if self._hist is None:
-            # A rank that saw no batch still has to take part in the collective.
-            self._hist = torch.zeros(self.num_codes, dtype=torch.int64)
-        dist.all_reduce_sum(self._hist)
+        # A rank that saw no batch still takes part; the histogram lives where the collective runs.
+        device = dist.comm_device()
+        hist = self._hist.to(device) if self._hist is not None else torch.zeros(
+            self.num_codes, dtype=torch.int64, device=device)
+        self._hist = dist.all_reduce_sum(hist)
         self._reduced = True
 
     @property
     def histogram(self) -> Tensor:
         """The (num_codes,) int64 histogram (global after :meth:`reduce`)."""
         if self._hist is None:
-            return torch.zeros(self.num_codes, dtype=torch.int64)
+            return torch.zeros(self.num_codes, dtype=torch.int64, device="cpu")
         return self._hist
 
     def compute(self) -> dict[str, float]:

@@ -15,7 +15,7 @@ from .vqgan import VQGAN
 from .vqvae import VQVAE
 
 __all__ = ["LPIPS", "NLayerDiscriminator", "VQGAN", "VQVAE", "build_discriminator", "build_lpips",
-           "build_model", "convert_lpips_weights"]
+           "build_model", "convert_lpips_weights", "plain_generator"]
 
 
 def build_model(cfg: Config, quantizer: nn.Module) -> nn.Module:
@@ -40,6 +40,25 @@ def build_model(cfg: Config, quantizer: nn.Module) -> nn.Module:
         return VQGAN(quantizer, attn_resolutions=tuple(m.attn_resolutions), resolution=cfg.data.image_size,
                      **common)
     raise ConfigError(f"config key 'model.arch': '{m.arch}' is not one of vqvae, vqgan")
+
+
+def plain_generator(cfg: Config, state: dict, device="cpu") -> nn.Module:
+    """A plain fp32 tokenizer (no DDP / DeepSpeed wrapper) holding ``state`` in eval mode on ``device``.
+
+    ``state`` may come from any backend (DDP, DeepSpeed bf16 or ZeRO shards consolidated, an export):
+    floating tensors are loaded as fp32, so evaluation never depends on how the weights were trained.
+    A state that does not fit the config's model is a user error (wrong config or checkpoint).
+    """
+    import torch
+
+    from bavq.quantizers import build_quantizer
+
+    model = build_model(cfg, build_quantizer(cfg.quantizer))
+    fp32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(fp32, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"weights do not fit the config's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.float().to(device).eval()
 
 
 def build_discriminator(cfg: Config) -> nn.Module | None:

@@ -248,10 +248,10 @@ def sample_global_rows(local: Tensor, count: int, generator: torch.Generator) ->
     if total == 0:
         raise RuntimeError("cannot sample codebook vectors from an empty global batch")
     offset = int(sizes[: dist.get_rank()].sum())
-    if total >= count:
-        chosen = torch.randperm(total, generator=generator)[:count]
+    if total >= count:  # drawn on the CPU by the shared CPU generator, then moved
+        chosen = torch.randperm(total, generator=generator, device="cpu")[:count]
     else:
-        chosen = torch.randint(0, total, (count,), generator=generator)
+        chosen = torch.randint(0, total, (count,), generator=generator, device="cpu")
     chosen = chosen.to(local.device)
     mine = (chosen >= offset) & (chosen < offset + local.shape[0])
     picked = local.new_zeros(count, local.shape[1])

@@ -57,7 +57,8 @@ class PreemptionFlag:
 
 
 def tensor_checksum(t: torch.Tensor) -> float:
-    """A position-sensitive checksum (a plain sum misses permuted rows)."""
+    """A position-sensitive checksum (a plain sum misses permuted rows), computed on ``t``'s device
+    (one host sync for the result)."""
     flat = t.detach().double().flatten()
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64) % 997 + 1
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) % 997 + 1
     return float((flat * weights).sum())

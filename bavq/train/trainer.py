@@ -19,7 +19,7 @@ from bavq.config import Config, save_config, to_dict
 from bavq.data import build_eval_loader, build_train_stream
 from bavq.evaluate import evaluate_model, write_final_outputs
 from bavq.losses import GeneratorLoss, discriminator_loss
-from bavq.models import build_discriminator, build_model
+from bavq.models import build_discriminator, build_model, plain_generator
 from bavq.quantizers import build_quantizer
 from bavq.train import checkpoint as ckpt
 from bavq.train.backend import make_accelerator
@@ -103,6 +103,10 @@ class Trainer:
             # parameters are averaged; codebook buffers are copied (an averaged codebook would not
             # match the statistics that produced it)
             self.ema = ModelEmaV3(self.unwrapped, decay=cfg.train.ema_decay, exclude_buffers=True)
+        # From here on each rank draws its own model randomness (dropout masks): identical masks on
+        # every rank would make R ranks a copy of one. Codebook draws (data init, restarts) use the
+        # quantizer's shared generator and stay identical on all ranks. Resumes restore these states.
+        torch.manual_seed(cfg.train.seed + 1_000_003 * self.rank)
 
     def _select(self, name: str) -> None:
         """Make the generator's or the discriminator's DeepSpeed plugin the active one."""
@@ -211,7 +215,7 @@ class Trainer:
         if not self.quantizer.auto_update:
             q_metrics = self.quantizer.update_codebook()
         if self.deepspeed:
-            sums["grad_norm"] = torch.tensor(float(self.model.get_global_grad_norm() or 0.0))
+            sums["grad_norm"] = float(self.model.get_global_grad_norm() or 0.0)
         else:
             if cfg.train.grad_clip > 0:
                 sums["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
@@ -269,12 +273,14 @@ class Trainer:
         """Average per-rank losses over ranks (quantizer metrics are already global), log, check sync."""
         local = {k: v for k, v in metrics.items() if not k.startswith("quantizer/")}
         keys = sorted(local)
-        vec = torch.tensor([float(local[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce_sum(vec)
-        row = {k: v / self.world for k, v in zip(keys, vec.tolist())}
+        device = dist.comm_device()
+        # One collective for the losses and the corrupt-sample counter; then one host sync (tolist).
+        vec = torch.stack([torch.as_tensor(local[k], dtype=torch.float64, device=device).reshape(())
+                           for k in keys] + [dist.tensor(float(getattr(self.stream, "skipped", 0)))])
+        values = dist.all_reduce_sum(vec).tolist()
+        row = {k: v / self.world for k, v in zip(keys, values)}
         row.update({k: float(v) for k, v in metrics.items() if k.startswith("quantizer/")})
-        skipped = torch.tensor([float(getattr(self.stream, "skipped", 0))], dtype=torch.float64)
-        self.state.corrupt_skipped = int(dist.all_reduce_sum(skipped).item())
+        self.state.corrupt_skipped = int(values[-1])
         row.update({"lr": self.opt_g.param_groups[0]["lr"], "samples_seen": self.state.samples_seen,
                     "samples_per_s": samples_per_s, "epoch": self.state.samples_seen / max(1, self.stream.num_samples),
                     "data/corrupt_skipped": self.state.corrupt_skipped})
@@ -296,8 +302,11 @@ class Trainer:
             raise RuntimeError(f"codebooks differ across ranks at step {self.state.step}: checksums {sums}")
 
     def _evaluate(self):
-        """The held-out split through the weight EMA when on, else the live model (all ranks)."""
-        model = self.ema.module if self.ema is not None else self.unwrapped
+        """The held-out split (all ranks) through a plain fp32 copy of the generator: the weight EMA
+        when on, else the live weights. Evaluation never runs a DDP/DeepSpeed engine, so bf16
+        DeepSpeed weights and fp32 images never meet, and every backend evaluates alike."""
+        source = self.ema.module if self.ema is not None else self.unwrapped
+        model = plain_generator(self.cfg, source.state_dict(), self.accelerator.device)
         loader = build_eval_loader(self.cfg, self.rank, self.world)
         return model, evaluate_model(model, loader, self.cfg, self.accelerator.device)
 

@@ -207,21 +207,23 @@ class EntropyLoss(torch.autograd.Function):
     The forward receives the value already computed by the E-step. Because
     d/dp_x [-H(mean p)] = (log mean p + 1) / N and sum_k dp_k = 0, the gradient equals that of
     (1/N) sum_x [H(p_x) + p_x . sg(log mean p)], which splits into independent row chunks.
+    ``grad_scale`` (a 0-dim tensor) multiplies the row gradients, e.g. to turn this call's 1/rows
+    into the 1/N of a global batch spread over ranks.
     """
 
     @staticmethod
-    def forward(ctx, x, value, codebook, log_weight, log_mean_p, beta, rows):  # noqa: D102
-        ctx.save_for_backward(x, codebook, log_weight, log_mean_p)
+    def forward(ctx, x, value, codebook, log_weight, log_mean_p, beta, rows, grad_scale):  # noqa: D102
+        ctx.save_for_backward(x, codebook, log_weight, log_mean_p, grad_scale)
         ctx.beta, ctx.rows = beta, rows
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        x, codebook, log_weight, log_mean_p = ctx.saved_tensors
+        x, codebook, log_weight, log_mean_p, grad_scale = ctx.saved_tensors
         with torch.no_grad(), fp32_math(x.device.type):
             grad = _entropy_loss_grad(x, codebook, log_weight, ctx.beta, log_mean_p, ctx.rows)
-            grad.mul_(grad_out.float() / max(x.shape[0], 1))
-        return grad, None, None, None, None, None, None
+            grad.mul_(grad_out.float() * grad_scale / max(x.shape[0], 1))
+        return grad, None, None, None, None, None, None, None
 
 
 def shared_generator(seed: int, step: int, purpose: int) -> torch.Generator:

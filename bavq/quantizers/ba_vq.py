@@ -116,14 +116,25 @@ class BAVQ(Quantizer):
         return st.indices, stats, extra
 
     def _entropy_loss(self, x: Tensor, st: _ops.SoftStats, log_weight: Tensor | None, beta: float) -> Tensor:
-        """mean_x H(p(.|x)) - H(mean_x p) of this call's rows (local), with a chunked backward."""
-        n = max(x.shape[0], 1)
-        mean_p = st.soft_counts / n
-        value = st.entropy.sum() / n + torch.special.xlogy(mean_p, mean_p).sum()
+        """mean_x H(p(.|x)) - H(mean_x p) over the GLOBAL batch, with a chunked backward.
+
+        Its mean-p term is all-reduced before the entropy (one extra all-reduce of K + 2 values,
+        only when the loss is on): with R ranks, each rank's rows get the gradient of the global
+        loss scaled by R (the data-parallel gradient average divides it back), so R ranks equal one
+        process that saw the whole batch. Every rank returns the same (global) value.
+        """
+        totals = torch.cat([st.soft_counts, torch.stack([st.entropy.sum(), st.entropy.new_tensor(x.shape[0])])])
+        dist.all_reduce_sum(totals)
+        n_global = totals[-1].clamp_min(1.0)
+        mean_p = totals[:-2] / n_global
+        value = totals[-2] / n_global + torch.special.xlogy(mean_p, mean_p).sum()
         weight = torch.zeros_like(self.log_prior) if log_weight is None else log_weight.clone()
         log_mean_p = mean_p.clamp_min(1e-30).log()
+        # EntropyLoss scales its row gradients by 1 / (rows of this call); the global loss wants
+        # 1 / n_global per row, times R for the data-parallel average.
+        scale = dist.get_world_size() * x.shape[0] / n_global
         return _ops.EntropyLoss.apply(x, value, self.codebook.clone(), weight, log_mean_p, beta,
-                                      self.rows_per_chunk)
+                                      self.rows_per_chunk, scale)
 
     def _eval_indices(self, x: Tensor) -> Tensor:
         beta = float(self.beta)

@@ -53,7 +53,8 @@ def plain_generator(cfg: Config, state: dict, device="cpu") -> nn.Module:
 
     from bavq.quantizers import build_quantizer
 
-    model = build_model(cfg, build_quantizer(cfg.quantizer))
+    with torch.device("cpu"):  # built on the host (the codebook's generator is a CPU one), then moved
+        model = build_model(cfg, build_quantizer(cfg.quantizer))
     fp32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(fp32, strict=False)
     if missing or unexpected:

@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: install demo test lint fashion-mnist clean
+.PHONY: install demo test lint fashion-mnist clean gpu-wheels
 
 install: $(STAMP)
 
@@ -47,6 +47,17 @@ lint: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra tests
+
+# Wheels for what the lent GPU machine lacks (Python 3.12 there, no network), carried as .whl/ to
+# `bash benchmarks/gpu_smoke.sh` (DeepSpeed ships only a source archive: built here as a pure wheel).
+GPU_PY := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --only-binary=:all: --no-deps
+gpu-wheels: install
+	mkdir -p .whl
+	$(BIN)/pip download -q $(GPU_PY) -d .whl omegaconf==2.4.0 PyYAML webdataset==1.0.2 braceexpand \
+	  hjson py-cpuinfo msgpack ninja einops
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .torch_extensions

@@ -284,6 +284,8 @@ def validate(cfg: Config) -> Config:
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    if t.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
+        t.mixed_precision = "no"
     _one_of(t.mixed_precision, "train.mixed_precision", PRECISIONS)
     _one_of(t.backend, "train.backend", BACKENDS)
     _check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")

@@ -138,3 +138,22 @@ def test_gpu_check_refuses_to_run_without_a_gpu_unless_dry_run(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_smoke_script_dry_run_runs_every_stage_of_the_real_trainer(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "BAVQ_WHEELS": str(tmp_path / "none"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert [s["stage"] for s in result["stages"]] == ["ddp", "deepspeed_bf16", "deepspeed_resume", "eval_ddp",
+                                                      "eval_deepspeed", "export"]
+    assert result["passed"] and all(s["rc"] == 0 for s in result["stages"])
+    metrics = result["metrics"]
+    assert metrics["deepspeed"]["steps"] == result["sizes"]["steps"]
+    assert metrics["eval_deepspeed"]["images"] == metrics["eval_ddp"]["images"] > 0
+    assert "resumed from" in (tmp_path / "gpu_smoke_work" / "deepspeed_resume.log").read_text()
+    assert (tmp_path / "gpu_smoke_work" / "export" / "generator.safetensors").is_file()
+    assert "PASSED" in (tmp_path / "gpu_smoke.txt").read_text()

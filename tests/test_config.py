@@ -78,3 +78,8 @@ def test_every_field_is_documented_in_the_readme():
     for key, (_default, doc) in docs.items():
         assert doc, f"{key} has no one-line doc comment in bavq/config.py"
         assert f"`{key}`" in readme, f"{key} is missing from the README's configuration reference"
+
+
+def test_mixed_precision_no_on_the_command_line_means_no():
+    """YAML 1.1 reads a bare `no` as false; the key's own value "no" must still be accepted."""
+    assert load_config(None, ["train.max_steps=1", "train.mixed_precision=no"]).train.mixed_precision == "no"

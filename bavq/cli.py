@@ -19,11 +19,17 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports an error in one line (plus a hint) instead of usage + error."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        line = f"{self.prog}: error: {message} (see {self.prog} --help)\n"
+        self.exit(EXIT_USAGE, line if dist.prints_user_errors() else None)
 
 
 def fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    """Report a user mistake in one line and return the exit code (2). Under a launcher every rank
+    meets the same mistake: only local rank 0 prints. The launcher then adds its own traceback and
+    exits 1 whatever the ranks' code (torchrun and every `accelerate launch` mode, measured); its log
+    still names each rank's "exitcode: 2" (README, "Exit codes")."""
+    if dist.prints_user_errors():
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return EXIT_USAGE
 
 

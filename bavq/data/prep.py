@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("write", help="write shards from a source (the default subcommand)")
     w.add_argument("--source", required=True, choices=("image_folder", "hf", "cifar10", "fashion_mnist"))
     w.add_argument("--input", default="", help="image folder, HF load_from_disk folder or hub name, "
-                   "or the CIFAR-10 / Fashion-MNIST folder (default: standard locations)")
+                   "or the CIFAR-10 / Fashion-MNIST folder (default for those: $BAVQ_DATA/SOURCE, "
+                   "BAVQ_DATA defaulting to ~/.cache/bavq; Fashion-MNIST first tries Debian's files)")
     w.add_argument("--output", required=True, help="folder for {split}-%%06d.tar, sizes.json, manifest.json")
     w.add_argument("--samples_per_shard", type=int, default=1000)
     w.add_argument("--resize", type=int, default=0, help="shorter side in pixels; 0 keeps originals")

@@ -20,6 +20,7 @@ from bavq.data import build_eval_loader, build_train_stream
 from bavq.evaluate import evaluate_model, write_final_outputs
 from bavq.losses import GeneratorLoss, discriminator_loss
 from bavq.models import build_discriminator, build_model, plain_generator
+from bavq.paths import removed_on_failure
 from bavq.quantizers import build_quantizer
 from bavq.train import checkpoint as ckpt
 from bavq.train.backend import make_accelerator
@@ -38,6 +39,11 @@ class Trainer:
     """Builds everything from one Config and runs the loop. ``Trainer(cfg).fit()`` is the story."""
 
     def __init__(self, cfg: Config):
+        # a failed start (config or data mistake, refused launcher) leaves no empty run folder behind
+        with removed_on_failure(Path(cfg.train.output_dir) / cfg.train.name):
+            self._setup(cfg)
+
+    def _setup(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir) / cfg.train.name
         self.ckpt_root = self.run_dir / "checkpoints"

@@ -147,6 +147,7 @@ def _run_eval(cfg, state: dict, work_dir):
     summary. Evaluation needs no DeepSpeed engine and no mixed-precision wrapper whatever trained the
     weights: the Accelerator here only joins the launcher's process group and picks the device."""
     import dataclasses
+    import functools
 
     from bavq.data import build_eval_loader
     from bavq.evaluate import evaluate_model
@@ -157,7 +158,10 @@ def _run_eval(cfg, state: dict, work_dir):
     accelerator = make_accelerator(plain, str(work_dir), None)
     model = plain_generator(cfg, state, accelerator.device)
     loader = build_eval_loader(cfg, accelerator.process_index, accelerator.num_processes)
-    result = evaluate_model(model, loader, cfg, accelerator.device)
+    from bavq.progress import track
+
+    show = functools.partial(track, desc="bavq-eval", unit="batch", enabled=accelerator.is_main_process)
+    result = evaluate_model(model, loader, cfg, accelerator.device, progress=show)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None

@@ -144,7 +144,7 @@ class LogConfig:
     wandb: bool = True  # log to W&B (online when logged in; WANDB_MODE=offline works too)
     wandb_project: str = "bavq"  # W&B project
     tensorboard: bool = True  # write TensorBoard event files under the run folder
-    progress: bool = True  # tqdm progress bar on the main process
+    progress: bool = True  # progress on the main process: a bar on a terminal, a plain line every 30 s in logs
     usage_window: int = 65536  # tokens in the sliding window of the training usage metric
 
 

@@ -144,3 +144,158 @@ def test_default_data_location_is_documented_as_the_code_uses_it(tmp_path, monke
     readme = (ROOT / "README.md").read_text()
     assert f"| `data.root` | `{default}` | {doc} |" in readme  # the README row is the generated one
     assert "data/cifar10" not in readme
+
+
+# ----------------------------------------------------------------------------- progress
+def test_plain_progress_off_a_terminal_prints_lines_without_carriage_returns(tmp_path):
+    import io
+
+    from bavq.progress import PlainProgress, progress
+
+    log = io.StringIO()  # not a TTY, like a SLURM log
+    bar = progress(total=4, desc="job", unit="step", file=log, every=0.0, mininterval=0.5)
+    assert isinstance(bar, PlainProgress)
+    with bar:
+        for _ in range(4):
+            bar.update(1)
+            bar.set_postfix(loss="0.5", refresh=False)
+    text = log.getvalue()
+    assert "\r" not in text and text.count("\n") == 4
+    assert text.splitlines()[1].startswith("job: 2/4 step (50%)") and "left" in text and "loss=0.5" in text
+    quiet = io.StringIO()
+    with progress(total=10, desc="job", file=quiet, every=3600) as bar:  # only the closing line
+        bar.update(3)
+    assert quiet.getvalue().startswith("job: 3/10") and quiet.getvalue().count("\n") == 1
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    from tqdm import tqdm
+
+    assert isinstance(progress(total=1, file=Terminal()), tqdm)
+    silent = progress(total=1, enabled=False)
+    silent.update(1), silent.close()
+
+
+def test_eval_progress_callback_sees_every_batch():
+    import torch
+
+    from bavq.config import load_config
+    from bavq.evaluate import evaluate_model
+    from bavq.models import build_model
+    from bavq.quantizers import build_quantizer
+
+    cfg = load_config(None, ["quantizer.num_codes=8", "quantizer.code_dim=4", "model.base_channels=8",
+                             "model.num_res_blocks=1", "data.image_size=8", "train.max_steps=1"])
+    model = build_model(cfg, build_quantizer(cfg.quantizer))
+    loader = [(torch.rand(2, 3, 8, 8) * 2 - 1, None) for _ in range(3)]
+    seen = []
+
+    def progress(it):
+        for item in it:
+            seen.append(1)
+            yield item
+
+    result = evaluate_model(model, loader, cfg, "cpu", progress=progress)
+    assert len(seen) == 3 and result.images == 6
+
+
+def test_deepspeed_cpu_extension_build_is_announced_once(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("deepspeed")
+    from bavq.train import deepspeed_backend as dsb
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    folder = dsb.pending_cpu_extension_build()
+    assert folder is not None and Path(folder).parent == tmp_path
+    dsb.announce_extension_build()
+    assert "compiling" in capsys.readouterr().err
+    (Path(folder) / "deepspeed_shm_comm.so").write_bytes(b"")  # built by an earlier launch
+    assert dsb.pending_cpu_extension_build() is None
+
+
+def test_sweep_says_where_logs_are_and_reports_each_cell(tmp_path, capsys, monkeypatch):
+    from test_sweep import fake_trainer, write_sweep
+
+    from bavq import sweep as sweep_mod
+
+    calls: list[str] = []
+    monkeypatch.setattr(sweep_mod.subprocess, "run", fake_trainer(set(), calls))
+    assert sweep_mod.main([str(write_sweep(tmp_path)), "--variants", "vq", "--only-k", "16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("bavq-sweep: 2 of 2 cells to run") and str(tmp_path / "exp" / "sweep_logs") in out[0]
+    assert out[1].startswith("[1/2] t_vq_k16_s0: running (log ") and "left for 1 cells" in out[2]
+
+
+# ----------------------------------------------------------------------------- bavq-prep
+def _images(root: Path, n: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    (root / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "a" / f"{i:02d}.png")
+    return root
+
+
+def test_prep_image_folder_holds_out_the_trainers_split_by_default(tmp_path, capsys):
+    import json
+
+    from bavq.config import DataConfig
+    from bavq.data.prep import build_parser, main
+    from bavq.data.sources import holdout_split
+
+    root = _images(tmp_path / "img", 20)
+    assert main(["--source", "image_folder", "--input", str(root), "--output", str(tmp_path / "s"),
+                 "--workers", "0", "--no-shuffle"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "bavq-prep: 20/20 img (100%)" in err  # plain progress line in a log
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    _, val = holdout_split(20, DataConfig.val_fraction)  # what the trainer holds out of the same folder
+    assert manifest["splits"]["val"]["count"] == len(val) == 2
+    helptext = build_parser()._subparsers._group_actions[0].choices["write"].format_help()
+    assert "(default: 1000)" in helptext and "(default: 0.1" in helptext and "(default: keep)" in helptext
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_parallel_prep_ends_with_one_line_and_stays_resumable(tmp_path, how):
+    import pickle
+    import signal
+    import time
+
+    import numpy as np
+
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    data = np.random.default_rng(0).integers(0, 256, (2000, 3072)).astype(np.uint8)
+    for name in ("data_batch_1", "test_batch"):
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"data": data, "labels": [0] * len(data)}, fh)
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-c", "import sys; from bavq.data.prep import main; sys.exit(main())", "--source",
+           "cifar10", "--input", str(tmp_path / "cifar"), "--output", str(out), "--no-download", "--resize", "96",
+           "--format", "png", "--samples_per_shard", "50", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(out.glob("train-*.tar")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the group
+    else:
+        proc.send_signal(signal.SIGTERM)  # kill / scancel of the main process
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (130 if how == "ctrl-c" else 143), err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("bavq-prep: interrupted (") and "rerun the same command" in lines[-1], err
+    assert len(lines) <= 3, err  # the summary of what was written, the last progress line, ours
+    assert not list(out.glob(".*.tmp"))  # no half-written shard left behind
+    # the bookkeeping a rerun resumes from: finished shards recorded (a rerun keeps them; a shard
+    # renamed but not yet recorded is rewritten), no sizes.json until every shard exists
+    records = list((out / ".bavq-prep").glob("train-*.tar.json"))
+    assert records and all((out / r.name[:-5]).is_file() for r in records)
+    assert not (out / "sizes.json").exists()

@@ -7,7 +7,6 @@ gradient all-reduce and the quantizer's statistics all-reduce (bavq.dist).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -268,12 +267,11 @@ class Trainer:
     def _progress_bar(self):
         if not (self.accelerator.is_main_process and self.cfg.log.progress):
             return None
-        from tqdm import tqdm
+        from bavq.progress import progress
 
-        # In a batch job's log file a bar redrawn every step would bury everything else.
-        interactive = sys.stderr.isatty()
-        return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.train.name,
-                    unit="step", dynamic_ncols=True, mininterval=0.5 if interactive else 60.0)
+        # a bar on a terminal; plain periodic lines in a batch job's log (no carriage returns)
+        return progress(total=self.total_steps, initial=self.state.step, desc=self.cfg.train.name,
+                        unit="step", mininterval=0.5)
 
     def _log_training(self, metrics: dict, samples_per_s: float, bar) -> None:
         """Average per-rank losses over ranks (quantizer metrics are already global), log, check sync."""

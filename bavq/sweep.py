@@ -173,6 +173,15 @@ def run_cell(cell: Cell, command: list[str]) -> tuple[int, Path]:
     return code, log
 
 
+def mark_cell(cell: Cell) -> None:
+    """Write RUN/sweep.json (the sweep variant's name, K, seed) into a finished cell's run folder:
+    bavq-report labels the run with the variant's short name instead of a list of config keys."""
+    path = cell.run_dir / "sweep.json"
+    if cell.done and not path.exists():
+        path.write_text(json.dumps({"variant": cell.variant, "num_codes": cell.num_codes, "seed": cell.seed,
+                                    "cell": cell.name}) + "\n")
+
+
 def _tail(path: Path, lines: int = 3) -> str:
     text = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
     return "\n".join("    " + line for line in text[-lines:])
@@ -196,6 +205,7 @@ def run_sweep(cells: list[Cell], base_config: Path, launcher: str | None, skip_d
     for i, cell in enumerate(cells, 1):
         head = f"[{i}/{len(cells)}] {cell.name}"
         if skip_done and cell.done:
+            mark_cell(cell)
             print(f"{head}: done already, skipped", flush=True)
             continue
         print(f"{head}: running (log {cell.run_dir.parent / 'sweep_logs' / (cell.name + '.log')})", flush=True)
@@ -205,6 +215,7 @@ def run_sweep(cells: list[Cell], base_config: Path, launcher: str | None, skip_d
         left = len(todo) - ran
         eta = f"; about {format_duration(spent / ran * left)} left for {left} cells" if left else ""
         if code == 0 and cell.done:
+            mark_cell(cell)
             print(f"{head}: ok ({time.time() - start:.0f} s{eta})", flush=True)
             continue
         why = f"exit {code}" if code else "exit 0 but no final_metrics.json"

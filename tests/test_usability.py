@@ -299,3 +299,56 @@ def test_interrupted_parallel_prep_ends_with_one_line_and_stays_resumable(tmp_pa
     records = list((out / ".bavq-prep").glob("train-*.tar.json"))
     assert records and all((out / r.name[:-5]).is_file() for r in records)
     assert not (out / "sizes.json").exists()
+
+
+# ----------------------------------------------------------------------------- bavq-report labels and legends
+def _figures(monkeypatch) -> list:
+    """Every figure bavq-report saves, kept open for inspection."""
+    from matplotlib.figure import Figure
+
+    saved, original = [], Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda *a: None)
+    return saved
+
+
+def test_report_labels_stay_short_and_legends_stay_off_the_data(tmp_path, monkeypatch):
+    from test_report import make_run
+
+    from bavq.report import write_report
+
+    runs = tmp_path / "runs"
+    # a sweep cell: labelled with the sweep variant's name, whatever its config
+    cell = make_run(runs, "fm_ba_l1_k64_s0", quantizer="ba_vq", threshold=0.5)
+    (cell / "sweep.json").write_text('{"variant": "ba_vq_l1", "num_codes": 64, "seed": 0}')
+    # plain runs of one quantizer label that differ in several long settings: numbered, explained in a note
+    for i, (steps, growth) in enumerate([(10000, 0.001), (300, 0.012)]):
+        for seed in (0, 1):
+            make_run(runs, f"tune{i}_s{seed}", seed=seed, threshold=0.5, extra=[
+                f"quantizer.beta_anneal_steps={steps}", f"quantizer.max_beta_growth={growth}",
+                "train.warmup_steps=7" if i else "train.warmup_steps=0"])
+    figures = _figures(monkeypatch)
+    result = write_report([str(runs)], tmp_path / "out")
+    variants = {g["variant"] for g in result["groups"]}
+    assert variants == {"ba_vq_l1", "VQ-EMA + restart [#1]", "VQ-EMA + restart [#2]"}
+    assert len(result["label_notes"]) == 2 and "quantizer.beta_anneal_steps=300" in " ".join(result["label_notes"])
+    assert "[#1] = " in (tmp_path / "out" / "index.md").read_text()
+    assert figures
+    for fig in figures:
+        renderer = fig.canvas.get_renderer()
+        legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert legend.get_texts()[0].get_fontsize() >= 8
+            for ax in fig.axes:
+                assert not box.overlaps(ax.get_window_extent(renderer)), "legend over the axes"
+            if legend in fig.legends:  # below the panels, no wider than the figure
+                assert box.width <= fig.bbox.width + 1
+
+    result = write_report([str(runs)], tmp_path / "out2", label_keys=["quantizer.name", "quantizer.max_beta_growth"])
+    assert "name=vq_ema, max_beta_growth=0.012" in {g["variant"] for g in result["groups"]}

@@ -352,3 +352,37 @@ def test_report_labels_stay_short_and_legends_stay_off_the_data(tmp_path, monkey
 
     result = write_report([str(runs)], tmp_path / "out2", label_keys=["quantizer.name", "quantizer.max_beta_growth"])
     assert "name=vq_ema, max_beta_growth=0.012" in {g["variant"] for g in result["groups"]}
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_gets_final_evaluation_media_and_one_hparams_folder(tmp_path):
+    pytest.importorskip("tensorboard")
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bavq.evaluate import EvalResult
+    from bavq.train.run_logger import RunLogger
+
+    def launch():  # one launch (fresh or resumed) of the same run folder
+        acc = Accelerator(cpu=True, log_with=["tensorboard"],
+                          project_config=ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path)))
+        return RunLogger(acc, tmp_path, ["tensorboard"], "proj", {"train": {"lr": 1e-3}, "data": {"root": ""}}, "r")
+
+    for _ in range(2):
+        logger = launch()
+        logger.close()
+    logger = launch()
+    result = EvalResult(codebook={"codebook_usage": 0.5, "perplexity": 3.0}, psnr=20.0, ssim=0.5, images=4,
+                        rec_l1=0.1, rfid_reason="none", histogram=np.array([5, 0, 3, 1]),
+                        samples={"images": torch.zeros(2, 3, 4, 4), "recon": torch.ones(2, 3, 4, 4)})
+    logger.log_evaluation(7, result)
+    logger.close()
+    board = tmp_path / "proj"
+    assert [p.name for p in board.iterdir() if p.is_dir()] == ["hparams"]  # once per run, fixed place
+    events = EventAccumulator(str(board), size_guidance={"images": 0, "histograms": 0}).Reload()
+    assert "val/reconstructions" in events.Tags()["images"]
+    assert "val/code_histogram" in events.Tags()["histograms"]
+    assert events.Scalars("val/psnr")[0].step == 7

@@ -325,6 +325,7 @@ class Trainer:
         final = write_final_outputs(self.run_dir, self.cfg, model, result, extra,
                                     is_main=self.accelerator.is_main_process)
         self.logger.log(self.state.step, {f"final/{k}": v for k, v in final.items() if k != "rfid_reason"})
+        self.logger.log_evaluation(self.state.step, result)  # held-out scalars, images, histogram
         self.accelerator.wait_for_everyone()
         return final
 

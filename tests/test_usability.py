@@ -43,6 +43,7 @@ def test_cpu_launcher_signature(monkeypatch, env, dropped):
     assert dist.cpu_launcher_dropped_processes() is dropped
 
 
+@pytest.mark.slow
 def test_accelerate_cpu_with_two_processes_is_refused_and_leaves_no_folder(tmp_path):
     """The real launcher (its environment is what the check reads): one error line, no run folder."""
     out = tmp_path / "experiments"
@@ -56,6 +57,7 @@ def test_accelerate_cpu_with_two_processes_is_refused_and_leaves_no_folder(tmp_p
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_user_error_is_printed_once_under_torchrun_and_launcher_exit_status(tmp_path):
     """Both ranks meet the mistake; one line is printed. torchrun exits 1 (not our 2) but logs each
     rank's "exitcode: 2" — the measured behaviour the README documents."""

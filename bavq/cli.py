@@ -19,11 +19,17 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports an error in one line (plus a hint) instead of usage + error."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        line = f"{self.prog}: error: {message} (see {self.prog} --help)\n"
+        self.exit(EXIT_USAGE, line if dist.prints_user_errors() else None)
 
 
 def fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    """Report a user mistake in one line and return the exit code (2). Under a launcher every rank
+    meets the same mistake: only local rank 0 prints. The launcher then adds its own traceback and
+    exits 1 whatever the ranks' code (torchrun and every `accelerate launch` mode, measured); its log
+    still names each rank's "exitcode: 2" (README, "Exit codes")."""
+    if dist.prints_user_errors():
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return EXIT_USAGE
 
 
@@ -141,6 +147,7 @@ def _run_eval(cfg, state: dict, work_dir):
     summary. Evaluation needs no DeepSpeed engine and no mixed-precision wrapper whatever trained the
     weights: the Accelerator here only joins the launcher's process group and picks the device."""
     import dataclasses
+    import functools
 
     from bavq.data import build_eval_loader
     from bavq.evaluate import evaluate_model
@@ -151,7 +158,10 @@ def _run_eval(cfg, state: dict, work_dir):
     accelerator = make_accelerator(plain, str(work_dir), None)
     model = plain_generator(cfg, state, accelerator.device)
     loader = build_eval_loader(cfg, accelerator.process_index, accelerator.num_processes)
-    result = evaluate_model(model, loader, cfg, accelerator.device)
+    from bavq.progress import track
+
+    show = functools.partial(track, desc="bavq-eval", unit="batch", enabled=accelerator.is_main_process)
+    result = evaluate_model(model, loader, cfg, accelerator.device, progress=show)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None

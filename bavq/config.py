@@ -87,8 +87,8 @@ class LossConfig:
 @dataclass
 class DataConfig:
     source: str = "cifar10"  # cifar10 | fashion_mnist | image_folder | hf | shards
-    # dataset folder; empty = the source's default (cifar10: data/cifar10; fashion_mnist: Debian's
-    # /usr/share/datasets/fashion-mnist, else data/fashion_mnist)
+    # dataset folder; empty = the source's default, $BAVQ_DATA/SOURCE (BAVQ_DATA defaults to
+    # ~/.cache/bavq; fashion_mnist first looks in Debian's /usr/share/datasets/fashion-mnist)
     root: str = ""
     download: bool = True  # allow torchvision / HF downloads where the network permits
     train_shards: str = ""  # shards: brace pattern or pipe:/fsspec URL of training shards
@@ -144,7 +144,7 @@ class LogConfig:
     wandb: bool = True  # log to W&B (online when logged in; WANDB_MODE=offline works too)
     wandb_project: str = "bavq"  # W&B project
     tensorboard: bool = True  # write TensorBoard event files under the run folder
-    progress: bool = True  # tqdm progress bar on the main process
+    progress: bool = True  # progress on the main process: a bar on a terminal, a plain line every 30 s in logs
     usage_window: int = 65536  # tokens in the sliding window of the training usage metric
 
 

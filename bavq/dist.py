@@ -43,6 +43,26 @@ def launched_by_distributed_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def cpu_launcher_dropped_processes() -> bool:
+    """True when Accelerate's CPU launcher was asked for several processes but started one.
+
+    ``accelerate launch --cpu --num_processes N`` (or a config file with ``use_cpu: true`` and N > 1)
+    goes to Accelerate's simple launcher, which runs ONE process whatever N is. What that child sees
+    (measured with accelerate 1.15): ``ACCELERATE_USE_CPU=True``, ``MASTER_ADDR``/``MASTER_PORT`` (set
+    only when N > 1 or several machines were asked) and no ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``. A real
+    multi-process launcher (torchrun, ``accelerate launch --multi_gpu``) always sets ``WORLD_SIZE``.
+    """
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return use_cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+
+
+def prints_user_errors() -> bool:
+    """Whether this process reports a user error: once per machine (local rank 0), not once per rank.
+    Every rank meets the same config mistake; local rather than global rank 0, so that a mistake seen
+    only on one node (a missing file there) is still reported from that node."""
+    return launcher_local_rank() == 0
+
+
 def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 

@@ -42,12 +42,13 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_model(model, loader, cfg: Config, device) -> EvalResult:
+def evaluate_model(model, loader, cfg: Config, device, progress=None) -> EvalResult:
     """Evaluate ``model`` (a plain, unwrapped module; eval mode, so the codebook does not change) on
     ``loader``. Images enter in the model's parameter dtype (fp32 for the plain models that
     :func:`bavq.models.plain_generator` builds), under bf16 autocast when ``eval.precision=bf16``;
     metrics are computed from the fp32 originals. Per-batch sums stay on ``device`` (no host sync
-    per batch) and are reduced once, on the communication device, at the end."""
+    per batch) and are reduced once, on the communication device, at the end. ``progress``, when
+    given, wraps the loader (e.g. ``functools.partial(bavq.progress.track, desc=...)``)."""
     was_training = model.training
     model.eval()
     model_dtype = next(model.parameters()).dtype
@@ -57,7 +58,7 @@ def evaluate_model(model, loader, cfg: Config, device) -> EvalResult:
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, images, l1
     fid = _make_fid(cfg, device)
     samples = {}
-    for images, _keys in loader:
+    for images, _keys in (loader if progress is None else progress(loader)):
         images = images.to(device, non_blocking=True).float()
         with autocast:
             recon, q = model(images.to(model_dtype))

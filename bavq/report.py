@@ -2,7 +2,8 @@
 
 Input: run folders as the trainer writes them (``config.yaml``, ``metrics.jsonl``,
 ``final_metrics.json``, ``code_histogram.npy``, ``reconstructions.png``); only
-``final_metrics.json`` is required. Runs are grouped by (variant, K), where the variant label comes
+``final_metrics.json`` is required. Runs are grouped by (variant, K), where the variant label is the
+sweep file's variant name (``sweep.json``, written by bavq-sweep), ``--label`` config keys, or a name
 from the quantizer config ("VQ-EMA + data init", "BA-VQ (λ=1) + restart", ...), and aggregated over
 seeds as mean ± sample standard deviation. Output: ``index.md`` / ``index.html`` (the table and
 every plot), ``table.md``, ``summary.json`` (the aggregated numbers) and the PNG plots.
@@ -65,6 +66,7 @@ class Run:
     history: list[dict]  # metrics.jsonl rows, one per logged step (a resumed step keeps its last row)
     histogram: np.ndarray | None  # (K,) code counts over the evaluation split
     variant: str = ""
+    sweep_variant: str = ""  # the sweep file's variant name (RUN/sweep.json, written by bavq-sweep)
 
     @property
     def num_codes(self) -> int:
@@ -137,7 +139,12 @@ def load_run(path: str | Path) -> Run:
         except (OSError, ValueError):
             _warn(f"{path / 'code_histogram.npy'} is unreadable; no frequency curve for this run")
     name = config.get("train", {}).get("name") or path.name
-    return Run(path, name, config, final, read_history(path / "metrics.jsonl"), histogram)
+    run = Run(path, name, config, final, read_history(path / "metrics.jsonl"), histogram)
+    try:
+        run.sweep_variant = str(json.loads((path / "sweep.json").read_text()).get("variant") or "")
+    except (OSError, ValueError, AttributeError):
+        pass  # not a sweep cell (or an unreadable marker): labelled from its config
+    return run
 
 
 def variant_label(config: dict, final: dict | None = None) -> str:
@@ -177,19 +184,52 @@ def _signature(run: Run) -> dict:
     return sig
 
 
-def assign_variants(runs: list[Run]) -> None:
-    """Set each run's variant label; inside a (label, K) group, configs that differ in more than
-    seeds get the differing keys appended, e.g. "BA-VQ (λ=1) [quantizer.decay=0.999]"."""
+MAX_SUFFIX = 32  # characters of a "[key=value, ...]" label suffix before it becomes a numbered note
+
+
+def _label_by_keys(run: Run, keys: list[str]) -> str:
+    flat = _flatten(run.config)
+    return ", ".join(f"{_short(k, keys)}={json.loads(flat.get(k, 'null'))}" for k in keys)
+
+
+def _short(key: str, keys: list[str]) -> str:
+    """The last part of a config key (``decay`` for ``quantizer.decay``) unless that is ambiguous."""
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
+def assign_variants(runs: list[Run], label_keys: list[str] | None = None) -> list[str]:
+    """Set each run's variant label and return notes explaining numbered labels.
+
+    The label is, in order: the ``label_keys`` values (``bavq-report --label``), the sweep file's variant
+    name (RUN/sweep.json), or a name from the quantizer config ("BA-VQ (λ=1) + restart"). Inside a
+    (label, K) group, configs that differ in more than seeds get the differing keys appended in short
+    form ("[decay=0.999]"); when that suffix would be long, a number ("[#1]") that a note expands —
+    legends and tables stay legible."""
     groups: dict[tuple, list[Run]] = {}
+    known = set().union(*(_flatten(r.config) for r in runs))
+    for key in label_keys or ():
+        if key not in known:
+            raise ReportError(f"--label: no run has the config key '{key}' (e.g. quantizer.entropy_weight)")
     for run in runs:
-        run.variant = variant_label(run.config, run.final)
+        if label_keys:
+            run.variant = _label_by_keys(run, label_keys)
+        else:
+            run.variant = run.sweep_variant or variant_label(run.config, run.final)
         groups.setdefault((run.variant, run.num_codes), []).append(run)
+    notes: dict[str, str] = {}  # full suffix -> number
     for members in groups.values():
         sigs = [_signature(r) for r in members]
         keys = sorted({k for s in sigs for k in s if len({t.get(k) for t in sigs}) > 1})
+        if not keys:
+            continue
         for run, sig in zip(members, sigs):
-            if keys:
-                run.variant += " [" + ", ".join(f"{k}={json.loads(sig.get(k, 'null'))}" for k in keys) + "]"
+            suffix = ", ".join(f"{_short(k, keys)}={json.loads(sig.get(k, 'null'))}" for k in keys)
+            if len(suffix) > MAX_SUFFIX:
+                full = ", ".join(f"{k}={json.loads(sig.get(k, 'null'))}" for k in keys)
+                suffix = "#" + notes.setdefault(full, str(len(notes) + 1))
+            run.variant += f" [{suffix}]"
+    return [f"[#{n}] = {full}" for full, n in notes.items()]
 
 
 def _sort_key(run: Run) -> tuple:
@@ -307,21 +347,39 @@ def _finish(fig, axes: dict, path: Path, legend: list, empty_note: str, has_data
     for ax in axes.values():
         if not has_data:
             ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes, fontsize=8)
-    ncol = max(1, min(len(legend), 3 * len(axes)))
-    legend_inches = 0.22 * math.ceil(len(legend) / ncol) + 0.15 if legend else 0.0
+    ncol = _legend_columns(legend, fig.get_figwidth())
+    lines = max((h.get_label().count("\n") + 1 for h in legend), default=1)
+    legend_inches = 0.2 * lines * math.ceil(len(legend) / ncol) + 0.15 if legend else 0.0
     fig.set_figheight(fig.get_figheight() + legend_inches)  # room below the panels for the legend
     if legend:
-        fig.legend(handles=legend, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+        fig.legend(handles=legend, loc="lower center", ncol=ncol, fontsize=LEGEND_FONT, frameon=False)
     fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long variant labels must not be cut off
     _pyplot().close(fig)
 
 
+LEGEND_FONT = 8  # points; legends sit outside the axes, so they never hide data
+LEGEND_WRAP = 36  # characters per legend line
+
+
+def _legend_columns(legend: list, fig_width: float) -> int:
+    """As many columns as fit the figure's width (a legend wider than the figure would widen the saved
+    image and shrink everything when shown at page width)."""
+    if not legend:
+        return 1
+    chars = max(len(line) for h in legend for line in h.get_label().splitlines())
+    column = 0.45 + chars * LEGEND_FONT * 0.0075  # inches: handle + text at ~0.55 em per character
+    return max(1, min(len(legend), int(fig_width // column)))
+
+
 def _legend(colors: dict, runs: list[Run], marker: str | None = None) -> list:
+    import textwrap
+
     from matplotlib.lines import Line2D
 
     present = {r.variant for r in runs}
-    return [Line2D([], [], color=c, marker=marker, linestyle="" if marker else "-", linewidth=2, label=v)
+    return [Line2D([], [], color=c, marker=marker, linestyle="" if marker else "-", linewidth=2,
+                   label="\n".join(textwrap.wrap(v, LEGEND_WRAP)) or v)
             for v, c in colors.items() if v in present]
 
 
@@ -408,12 +466,14 @@ def plot_psnr_vs_usage(runs: list[Run], colors: dict, path: Path) -> None:
                        edgecolors="black", linewidths=0.4)
     handles = _legend(colors, runs, marker="o")
     handles += [Line2D([], [], color="gray", marker=m, linestyle="", label=f"K = {k}") for k, m in markers.items()]
-    ax.legend(handles=handles, fontsize=7, loc="best")
+    # outside the axes, on the right: "best" still covers markers once there are many variants
+    ax.legend(handles=handles, fontsize=LEGEND_FONT, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0, frameon=False)
     ax.set_xlabel("codebook usage on the evaluation split (%)")
     ax.set_ylabel("PSNR (dB)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -440,7 +500,7 @@ def plot_grid(run: Run, path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- pages
-def _notes(runs: list[Run]) -> list[str]:
+def _notes(runs: list[Run], label_notes: list[str] = ()) -> list[str]:
     reasons = sorted({str(r.final.get("rfid_reason")) for r in runs
                       if r.final.get("rfid") is None and r.final.get("rfid_reason")})
     notes = ["Mean ± sample standard deviation (ddof = 1) over the runs of each row; n = runs (seeds). "
@@ -449,6 +509,8 @@ def _notes(runs: list[Run]) -> list[str]:
              "that split's code histogram; H / log K = normalized entropy; wall = training wall-clock seconds."]
     if reasons:
         notes.append("rFID n/a: " + "; ".join(reasons))
+    if label_notes:
+        notes.append("Variants that differ in more settings than fit a label: " + "; ".join(label_notes))
     return notes
 
 
@@ -469,9 +531,10 @@ def _sections(grids: dict[str, str]) -> list[tuple[str, str, str]]:
     return out
 
 
-def write_index(out: Path, title: str, runs: list[Run], summary: list[dict], grids: dict[str, str]) -> None:
+def write_index(out: Path, title: str, runs: list[Run], summary: list[dict], grids: dict[str, str],
+                label_notes: list[str] = ()) -> None:
     """index.md and index.html with the same table, notes and images (relative paths)."""
-    table, per_run, notes, sections = table_rows(summary), run_rows(runs), _notes(runs), _sections(grids)
+    table, per_run, notes, sections = table_rows(summary), run_rows(runs), _notes(runs, label_notes), _sections(grids)
     md = [f"# {title}", "", f"{len(runs)} runs in {len(summary)} groups.", "", markdown_table(table), ""]
     md += [f"- {n}" for n in notes] + [""]
     for heading, rel, caption in sections:
@@ -503,12 +566,13 @@ def _unique_names(runs: list[Run]) -> None:
             r.name = f"{r.name}_{seen[r.name]}"
 
 
-def write_report(paths: list[str], out: str | Path, title: str = "bavq report") -> dict:
+def write_report(paths: list[str], out: str | Path, title: str = "bavq report",
+                 label_keys: list[str] | None = None) -> dict:
     """Find and load the runs under ``paths``, write the report into ``out`` and return the summary
     (also written as summary.json). Raises ReportError when no run is found."""
     runs = [load_run(d) for d in find_run_dirs(paths)]
     _unique_names(runs)
-    assign_variants(runs)
+    label_notes = assign_variants(runs, label_keys)
     out = Path(out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
@@ -524,8 +588,8 @@ def write_report(paths: list[str], out: str | Path, title: str = "bavq report") 
     (out / "table.md").write_text(markdown_table(table_rows(summary)) + "\n")
     diagnostics = diagnostics_rows(runs)
     (out / "diagnostics.md").write_text(markdown_table(diagnostics) + "\n" if len(diagnostics) > 1 else "")
-    write_index(out, title, runs, summary, grids)
-    result = {"groups": summary,
+    write_index(out, title, runs, summary, grids, label_notes)
+    result = {"groups": summary, "label_notes": label_notes,
               "runs": [{"name": r.name, "path": str(r.path), "variant": r.variant, "num_codes": r.num_codes,
                         "seed": r.seed, "final": r.final} for r in runs]}
     (out / "summary.json").write_text(json.dumps(result, indent=2))
@@ -542,9 +606,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="run folders (holding final_metrics.json), parent folders or glob patterns")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--title", default="bavq report", help="title of index.md / index.html")
+    parser.add_argument("--label", metavar="KEY[,KEY...]", help="label variants by these config keys, e.g. "
+                        "quantizer.name,quantizer.entropy_weight (default: the sweep variant's name where "
+                        "bavq-sweep ran the run, else a name from the quantizer config)")
     args = parser.parse_args(argv)
+    label_keys = [k.strip() for k in args.label.split(",") if k.strip()] if args.label else None
     try:
-        result = write_report(args.runs, args.out, args.title)
+        result = write_report(args.runs, args.out, args.title, label_keys)
     except ReportError as exc:
         return fail("bavq-report", str(exc))
     print(f"bavq-report: {len(result['runs'])} runs in {len(result['groups'])} groups -> "

@@ -173,29 +173,56 @@ def run_cell(cell: Cell, command: list[str]) -> tuple[int, Path]:
     return code, log
 
 
+def mark_cell(cell: Cell) -> None:
+    """Write RUN/sweep.json (the sweep variant's name, K, seed) into a finished cell's run folder:
+    bavq-report labels the run with the variant's short name instead of a list of config keys."""
+    path = cell.run_dir / "sweep.json"
+    if cell.done and not path.exists():
+        path.write_text(json.dumps({"variant": cell.variant, "num_codes": cell.num_codes, "seed": cell.seed,
+                                    "cell": cell.name}) + "\n")
+
+
 def _tail(path: Path, lines: int = 3) -> str:
     text = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
     return "\n".join("    " + line for line in text[-lines:])
 
 
+def _announce(cells: list[Cell], skip_done: bool) -> None:
+    """Say up front what will run and where each cell's console output goes."""
+    todo = sum(not (skip_done and c.done) for c in cells)
+    logs = sorted({str(c.run_dir.parent / "sweep_logs") for c in cells})
+    print(f"bavq-sweep: {todo} of {len(cells)} cells to run, one after another; each cell's console output "
+          f"goes to {', '.join(logs)}/NAME.log (follow one with tail -f)", flush=True)
+
+
 def run_sweep(cells: list[Cell], base_config: Path, launcher: str | None, skip_done: bool) -> list[str]:
     """Run the cells in order, skipping finished ones when asked; returns one line per failed cell."""
-    failures = []
+    from bavq.progress import format_duration
+
+    failures, spent, ran = [], 0.0, 0
+    _announce(cells, skip_done)
+    todo = [c for c in cells if not (skip_done and c.done)]
     for i, cell in enumerate(cells, 1):
         head = f"[{i}/{len(cells)}] {cell.name}"
         if skip_done and cell.done:
+            mark_cell(cell)
             print(f"{head}: done already, skipped", flush=True)
             continue
+        print(f"{head}: running (log {cell.run_dir.parent / 'sweep_logs' / (cell.name + '.log')})", flush=True)
         start = time.time()
         code, log = run_cell(cell, cell_command(cell, base_config, launcher))
+        spent, ran = spent + time.time() - start, ran + 1
+        left = len(todo) - ran
+        eta = f"; about {format_duration(spent / ran * left)} left for {left} cells" if left else ""
         if code == 0 and cell.done:
-            print(f"{head}: ok ({time.time() - start:.0f} s)", flush=True)
+            mark_cell(cell)
+            print(f"{head}: ok ({time.time() - start:.0f} s{eta})", flush=True)
             continue
         why = f"exit {code}" if code else "exit 0 but no final_metrics.json"
         if code == 75:
             why += ", preempted: rerun to resume"
         failures.append(f"{cell.name} ({why}; log {log})")
-        print(f"{head}: FAILED ({why}); last lines of {log}:\n{_tail(log)}", flush=True)
+        print(f"{head}: FAILED ({why}{eta}); last lines of {log}:\n{_tail(log)}", flush=True)
     return failures
 
 

@@ -58,7 +58,7 @@ def test_image_folder_every_good_image_once_and_bad_ones_counted(image_folder, t
     root, good = image_folder
     out = tmp_path / "shards"
     assert _run("--source", "image_folder", "--input", str(root), "--output", str(out),
-                "--samples_per_shard", "4", "--workers", "2") == 0
+                "--samples_per_shard", "4", "--workers", "2", "--val_fraction", "0") == 0
     shards = _read_tars(out)
     assert list(shards) == [f"train-{i:06d}.tar" for i in range(4)]  # 15 files planned -> 4 shards
     images = Counter(s.get("jpg", s.get("png")) for samples in shards.values() for s in samples.values())
@@ -88,7 +88,7 @@ def test_rerun_after_deleting_the_last_shard_rewrites_only_that_shard(image_fold
     root, _ = image_folder
     out = tmp_path / "shards"
     args = ["--source", "image_folder", "--input", str(root), "--output", str(out), "--samples_per_shard", "4",
-            "--workers", "0"]
+            "--val_fraction", "0", "--workers", "0"]
     assert _run(*args) == 0
     names = sorted(p.name for p in out.glob("train-*.tar"))
     before = {n: (out / n).stat() for n in names}
@@ -111,7 +111,7 @@ def test_resize_center_crop_and_format(image_folder, tmp_path):
     root, _ = image_folder
     out = tmp_path / "shards"
     assert _run("--source", "image_folder", "--input", str(root), "--output", str(out), "--resize", "16",
-                "--format", "webp", "--workers", "0") == 0
+                "--format", "webp", "--workers", "0", "--val_fraction", "0") == 0
     samples = [s for shard in _read_tars(out).values() for s in shard.values()]
     assert len(samples) == 12
     for sample in samples:

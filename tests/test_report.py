@@ -127,11 +127,11 @@ def test_groups_split_when_configs_differ_beyond_seed(tmp_path):
     make_run(tmp_path, "c", quantizer="ba_vq", seed=0, extra=["quantizer.decay=0.999"])
     result = write_report([str(tmp_path)], tmp_path / "out")
     assert {(g["variant"], g["n"]) for g in result["groups"]} == {
-        ("BA-VQ (λ=1) [quantizer.decay=0.99]", 2), ("BA-VQ (λ=1) [quantizer.decay=0.999]", 1)}
+        ("BA-VQ (λ=1) [decay=0.99]", 2), ("BA-VQ (λ=1) [decay=0.999]", 1)}
     final = tmp_path / "c" / "final_metrics.json"  # the same config trained on 2 processes is apart too
     final.write_text(final.read_text().replace('"world_size": 1', '"world_size": 2'))
     result = write_report([str(tmp_path / n) for n in "abc"], tmp_path / "out2")
-    assert "BA-VQ (λ=1) [quantizer.decay=0.999, world_size=2]" in {g["variant"] for g in result["groups"]}
+    assert "BA-VQ (λ=1) [decay=0.999, world_size=2]" in {g["variant"] for g in result["groups"]}
 
 
 @pytest.mark.parametrize("quantizer, extra, label", [

@@ -156,6 +156,9 @@ def test_deepspeed_zero2_gan_trains_saves_resumes_and_exports(image_folder, tmp_
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "ds" / "checkpoints" / "step_00000002"
     assert (ckpt / "pytorch_model").is_dir() and (ckpt / "pytorch_model_1").is_dir()  # gen and disc shards
+    # why the README tells zero_to_fp32 users to pass --tag pytorch_model: DeepSpeed's own pointer
+    # names the engine saved last, the discriminator's
+    assert (ckpt / "latest").read_text().strip() == "pytorch_model_1"
     second = run_cli(args, nproc=2, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "at step 2" in second.stderr

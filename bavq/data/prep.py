@@ -18,10 +18,12 @@ Per-shard bookkeeping lives in ``OUTPUT/.bavq-prep/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import sys
 import time
 from collections import deque
@@ -32,7 +34,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from bavq import __version__
-from bavq.config import ConfigError
+from bavq.config import ConfigError, DataConfig
 from bavq.data import sources
 from bavq.data.transforms import EncodeOptions, encode_image
 
@@ -141,14 +143,18 @@ def _hf_stream(datasets: dict[str, Any], image_key: str, label_column: str | Non
 
 def plan_hf(args) -> SourcePlan:
     if args.streaming is None:  # hub datasets stream (no full download first) unless a random split is asked
-        args.streaming = not Path(args.input).is_dir() and args.val_fraction == 0
+        args.streaming = not Path(args.input).is_dir() and not args.val_fraction
     loaded = sources.load_hf(args.input, args.image_key, streaming=args.streaming)
     datasets = {k: v for k, v in loaded.items() if v is not None}
     label_column, classes = _hf_labels(datasets["train"])
     if args.streaming:
-        if args.val_fraction > 0 and "val" not in datasets:
+        if args.val_fraction and "val" not in datasets:
             raise ConfigError("--val_fraction needs random access; drop --streaming or use a dataset with a "
                               "validation split")
+        if args.val_fraction is None and "val" not in datasets:
+            print("bavq-prep: note: a streamed dataset without a validation split gets no held-out shards; "
+                  f"--no-streaming --val_fraction {DataConfig.val_fraction} makes one", file=sys.stderr)
+        args.val_fraction = args.val_fraction or 0.0
         return SourcePlan("hf", args.input, HFReader({}, args.image_key),
                           _hf_stream(datasets, args.image_key, label_column), classes)
     splits, start = {}, 0
@@ -167,6 +173,8 @@ def plan_source(args) -> SourcePlan:
     """Plan the source; missing or empty sources raise ConfigError (exit code 2)."""
     if args.source in ("image_folder", "hf") and not args.input:
         raise ConfigError(f"--source {args.source} needs --input (a folder or a dataset name)")
+    if args.val_fraction is None and args.source != "hf":  # hf decides once it knows whether it streams
+        args.val_fraction = DataConfig.val_fraction
     plan = {"image_folder": plan_folder, "hf": plan_hf}.get(args.source, plan_arrays)(args)
     wanted = args.splits.split(",") if args.splits else list(plan.splits)
     unknown = [s for s in wanted if s not in plan.splits]
@@ -184,7 +192,16 @@ def plan_source(args) -> SourcePlan:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(reader, opts: EncodeOptions, output: str) -> None:
+def _quiet_worker() -> None:
+    """Workers leave interrupts to the parent: Ctrl-C (sent to the whole process group) is ignored
+    here, and SIGTERM kills silently (a forked worker would otherwise inherit the parent's handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _init_worker(reader, opts: EncodeOptions, output: str, quiet: bool = False) -> None:
+    if quiet:
+        _quiet_worker()
     _WORKER.update(reader=reader, opts=opts, output=Path(output))
 
 
@@ -207,18 +224,22 @@ def write_shard(task: tuple[str, int, list[Item]]) -> dict:
     final = output / shard_name(split, index)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     count, bad = 0, []
-    with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=MTIME, user="bavq", group="bavq") as tar:
-        for key, ref, label, origin in items:
-            try:
-                data, ext = encode_image(reader.load(ref), opts)
-            except Exception as exc:  # noqa: BLE001 - unreadable, truncated, not an image: skip and count
-                bad.append({"path": origin, "reason": (str(exc).splitlines() or [type(exc).__name__])[0][:200]})
-                continue
-            sample = {"__key__": key, ext: data}
-            if label is not None:
-                sample["cls"] = str(int(label)).encode()
-            tar.write(sample)
-            count += 1
+    try:
+        with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=MTIME, user="bavq", group="bavq") as tar:
+            for key, ref, label, origin in items:
+                try:
+                    data, ext = encode_image(reader.load(ref), opts)
+                except Exception as exc:  # noqa: BLE001 - unreadable, truncated, not an image: skip and count
+                    bad.append({"path": origin, "reason": (str(exc).splitlines() or [type(exc).__name__])[0][:200]})
+                    continue
+                sample = {"__key__": key, ext: data}
+                if label is not None:
+                    sample["cls"] = str(int(label)).encode()
+                tar.write(sample)
+                count += 1
+    except BaseException:  # interrupted (or failed) mid-shard: no stray temp file; a rerun rewrites it
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, final)
     record = {"shard": final.name, "split": split, "count": count, "planned": len(items), "bad": bad}
     _atomic_write_json(output / STATE_DIR / f"{final.name}.json", record)
@@ -232,14 +253,28 @@ def _run_tasks(tasks: Iterator, workers: int, init_args: tuple) -> Iterator[dict
         yield from map(write_shard, tasks)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork: arrays are not copied
-    with mp.get_context(method).Pool(workers, _init_worker, init_args) as pool:
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(write_shard, (task,)))
-            while len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    with mp.get_context(method).Pool(workers, _init_worker, (*init_args, True)) as pool:
+        pending: deque = deque()  # (shard name, result)
+        try:
+            for task in tasks:
+                pending.append((shard_name(task[0], task[1]), pool.apply_async(write_shard, (task,))))
+                while len(pending) >= 2 * workers:
+                    yield _next_done(pending)
+            while pending:
+                yield _next_done(pending)
+        except BaseException:  # interrupted: stop the workers, drop their half-written temp files
+            pool.terminate()
+            pool.join()
+            for name, _ in pending:
+                for tmp in Path(init_args[2]).glob(f".{name}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+            raise
+
+
+def _next_done(pending: deque) -> dict:
+    record = pending[0][1].get()  # stays pending (its temp file is cleaned up) if interrupted here
+    pending.popleft()
+    return record
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -338,11 +373,10 @@ def _finish(output: Path, shards: dict[str, list[str]], plan: SourcePlan, args, 
     return manifest
 
 
-def _progress(total: int | None, enabled: bool):
-    from tqdm import tqdm
+def _progress(total: int | None, enabled: bool, desc: str = "bavq-prep", unit: str = "img"):
+    from bavq.progress import progress
 
-    return tqdm(total=total, unit="img", unit_scale=True, desc="bavq-prep", disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+    return progress(total=total, desc=desc, unit=unit, enabled=enabled, unit_scale=True, smoothing=0.1)
 
 
 def write_main(args, argv: list[str]) -> int:
@@ -400,11 +434,13 @@ def verify_main(args) -> int:
 
     urls = _verify_urls(args.shards)
     sizes = read_sizes(urls)
-    if args.workers > 0:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            reports = pool.map(verify_shard, urls)
-    else:
-        reports = list(map(verify_shard, urls))
+    with contextlib.ExitStack() as stack, _progress(len(urls), args.progress, "bavq-prep verify", "shard") as bar:
+        pool = stack.enter_context(mp.get_context("spawn").Pool(args.workers, _quiet_worker)) \
+            if args.workers > 0 else None
+        reports = []
+        for report in (pool.imap(verify_shard, urls) if pool else map(verify_shard, urls)):
+            reports.append(report)
+            bar.update(1)
     problems = 0
     for report in reports:
         expected = sizes.get(report["url"]) if sizes else None
@@ -425,23 +461,41 @@ def verify_main(args) -> int:
 
 
 # ----------------------------------------------------------------------------- command line
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after each option's help, except where the default is None or empty (the
+    help then says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bavq-prep", description="Write or verify WebDataset shards.")
+    parser = argparse.ArgumentParser(prog="bavq-prep", description="Write or verify WebDataset shards.",
+                                     formatter_class=_DefaultsFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("write", help="write shards from a source (the default subcommand)")
-    w.add_argument("--source", required=True, choices=("image_folder", "hf", "cifar10", "fashion_mnist"))
+    w = sub.add_parser("write", help="write shards from a source (the default subcommand)",
+                       formatter_class=_DefaultsFormatter)
+    w.add_argument("--source", required=True, choices=("image_folder", "hf", "cifar10", "fashion_mnist"),
+                   help="where the images come from")
     w.add_argument("--input", default="", help="image folder, HF load_from_disk folder or hub name, "
-                   "or the CIFAR-10 / Fashion-MNIST folder (default: standard locations)")
+                   "or the CIFAR-10 / Fashion-MNIST folder (default for those: $BAVQ_DATA/SOURCE, "
+                   "BAVQ_DATA defaulting to ~/.cache/bavq; Fashion-MNIST first tries Debian's files)")
     w.add_argument("--output", required=True, help="folder for {split}-%%06d.tar, sizes.json, manifest.json")
-    w.add_argument("--samples_per_shard", type=int, default=1000)
+    w.add_argument("--samples_per_shard", type=int, default=1000, help="images per tar shard")
     w.add_argument("--resize", type=int, default=0, help="shorter side in pixels; 0 keeps originals")
     w.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
                    help="crop the centre square after --resize")
-    w.add_argument("--format", default="keep", choices=("keep", "jpg", "png", "webp"))
+    w.add_argument("--format", default="keep", choices=("keep", "jpg", "png", "webp"),
+                   help="image format in the shards; keep passes original bytes through when not resized")
     w.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
-    w.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="encoding processes")
-    w.add_argument("--val_fraction", type=float, default=0.0,
-                   help="held-out fraction for sources without their own validation split")
+    w.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="encoding processes (default: min(8, CPUs), here %(default)s)")
+    w.add_argument("--val_fraction", type=float, default=None,
+                   help=f"held-out fraction for sources without their own validation split (default: "
+                   f"{DataConfig.val_fraction}, the trainer's data.val_fraction, giving the same split; "
+                   "0 for a streamed HF dataset; 0 = no held-out shards)")
     w.add_argument("--splits", default="", help="comma-separated subset of the splits, e.g. train")
     w.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                    help="shuffle the training split before cutting shards (not for streamed datasets)")
@@ -453,11 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CIFAR-10 / Fashion-MNIST: download when missing and online")
     w.add_argument("--part", type=int, default=0, help="this part (SLURM_ARRAY_TASK_ID) of --num_parts")
     w.add_argument("--num_parts", type=int, default=1, help="split the shards over this many runs")
-    w.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    v = sub.add_parser("verify", help="re-read shards; report counts, corrupt members, sizes.json mismatches")
+    w.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress on stderr (a bar on a terminal, a line every 30 s in logs)")
+    v = sub.add_parser("verify", help="re-read shards; report counts, corrupt members, sizes.json mismatches",
+                       formatter_class=_DefaultsFormatter)
     v.add_argument("shards", help="a folder of .tar files or a brace pattern")
-    v.add_argument("--workers", type=int, default=0)
+    v.add_argument("--workers", type=int, default=0, help="reading processes (0 = in this process)")
     v.add_argument("--verbose", action="store_true", help="one line per shard, not only problems")
+    v.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress on stderr (a bar on a terminal, a line every 30 s in logs)")
     return parser
 
 
@@ -466,7 +524,8 @@ def _check_args(args) -> None:
         return
     checks = [(args.samples_per_shard >= 1, "--samples_per_shard must be >= 1"),
               (args.resize >= 0, "--resize must be >= 0"), (1 <= args.quality <= 100, "--quality must be in 1..100"),
-              (args.workers >= 0, "--workers must be >= 0"), (0 <= args.val_fraction < 1, "--val_fraction in [0, 1)"),
+              (args.workers >= 0, "--workers must be >= 0"),
+              (args.val_fraction is None or 0 <= args.val_fraction < 1, "--val_fraction in [0, 1)"),
               (args.num_parts >= 1 and 0 <= args.part < args.num_parts, "--part must be in 0..num_parts-1")]
     for ok, message in checks:
         if not ok:
@@ -482,9 +541,27 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage and the message
         return exc.code if isinstance(exc.code, int) else 2
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM ends like Ctrl-C
     try:
         _check_args(args)
         return write_main(args, argv) if args.command == "write" else verify_main(args)
     except ConfigError as exc:
         print(f"bavq-prep: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        name = getattr(exc, "signal_name", "SIGINT")
+        kept = "finished shards are kept; rerun the same command to continue" if args.command == "write" else ""
+        print(f"bavq-prep: interrupted ({name}){'; ' + kept if kept else ''}", file=sys.stderr, flush=True)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (SLURM's scancel and `kill` send it)."""
+
+    signum, signal_name = signal.SIGTERM, "SIGTERM"
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()

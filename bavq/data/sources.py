@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from bavq.config import ConfigError, DataConfig
+from bavq.paths import first_missing, remove_created
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian's dataset-fashion-mnist
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -84,6 +85,7 @@ def load_fashion_mnist(root: str = "", download: bool = False, root_hint: str = 
             return {"train": read_idx(train), "val": read_idx(test)}
     if download:
         target = Path(root) if root else default_root("fashion_mnist")
+        created = first_missing(target)
         try:
             from torchvision.datasets import FashionMNIST
 
@@ -91,6 +93,7 @@ def load_fashion_mnist(root: str = "", download: bool = False, root_hint: str = 
                 FashionMNIST(str(target), train=train, download=True)
             return load_fashion_mnist(str(target), False, root_hint)
         except Exception as exc:  # noqa: BLE001 - network errors come in many types
+            remove_created(created)  # a failed download leaves no empty folder behind
             reason = f"download failed ({str(exc).splitlines()[0][:120]})"
     else:
         reason = "data.download is false"
@@ -123,6 +126,7 @@ def load_cifar10(root: str = "", download: bool = False, root_hint: str = "data.
     folder = _cifar_folder(base)
     reason = "data.download is false"
     if folder is None and download:
+        created = first_missing(base)
         try:
             from torchvision.datasets import CIFAR10
 
@@ -130,9 +134,12 @@ def load_cifar10(root: str = "", download: bool = False, root_hint: str = "data.
             folder = _cifar_folder(base)
         except Exception as exc:  # noqa: BLE001
             reason = f"download failed ({str(exc).splitlines()[0][:120]})"
+        if folder is None:
+            remove_created(created)  # a failed download leaves no empty folder behind
     if folder is None:
-        raise ConfigError(f"CIFAR-10 not found in {base} (expected cifar-10-batches-py/data_batch_1..5 and "
-                          f"test_batch) and {reason}; set {root_hint} or allow downloads where online")
+        where = "" if root else " (the default: $BAVQ_DATA/cifar10, BAVQ_DATA defaulting to ~/.cache/bavq)"
+        raise ConfigError(f"CIFAR-10 not found in {base}{where} (expected cifar-10-batches-py/data_batch_1..5 "
+                          f"and test_batch) and {reason}; set {root_hint} or allow downloads where online")
     batches = sorted(folder.glob("data_batch_*"))
     train = np.concatenate([read_cifar_batch(p) for p in batches])
     return {"train": train, "val": read_cifar_batch(folder / "test_batch")}

@@ -33,6 +33,7 @@ def running_on_cpu() -> bool:
 
 def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = None) -> Accelerator:
     """Build the Accelerator for ``cfg.train.backend`` and check the process count."""
+    check_launcher()
     cpu = running_on_cpu()
     if cpu:  # DeepSpeed (imported by Accelerate when installed) otherwise warns on every rank at start
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -63,6 +64,15 @@ def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = Non
     accelerator = Accelerator(**kwargs)
     check_world_size(accelerator.num_processes)
     return accelerator
+
+
+def check_launcher() -> None:
+    """Refuse ``accelerate launch --cpu --num_processes N>1``: it would train as one process."""
+    if dist.cpu_launcher_dropped_processes():
+        raise LaunchError(
+            "`accelerate launch --cpu` starts ONE process whatever --num_processes says; for N CPU processes "
+            "use `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N` "
+            "(for one process drop --num_processes, or unset MASTER_ADDR if you exported it)")
 
 
 def check_world_size(num_processes: int) -> None:

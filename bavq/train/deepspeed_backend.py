@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 from bavq import dist
@@ -62,6 +63,36 @@ def resolved_deepspeed_dict(cfg: Config, base: dict) -> dict:
     return d
 
 
+def pending_cpu_extension_build() -> str | None:
+    """The folder where DeepSpeed on CPU will JIT-compile its shared-memory comm op when the process
+    group starts (1–2 minutes without a word, once per TORCH_EXTENSIONS_DIR), or None when it is
+    already built, not needed or not buildable here."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory  # the folder torch's JIT load uses
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return None
+        folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    except Exception:  # noqa: BLE001 - an announcement must never stop a run
+        return None
+    return None if any(folder.glob(f"{builder.NAME}*.so")) else str(folder)
+
+
+def announce_extension_build() -> None:
+    """One line before the silent first-launch build (local rank 0 of each machine builds it)."""
+    folder = pending_cpu_extension_build()
+    if folder is not None and dist.launcher_local_rank() == 0:
+        print(f"bavq: DeepSpeed is compiling its CPU comm extension into {folder} (first launch only, "
+              "about 1-2 minutes; set TORCH_EXTENSIONS_DIR to keep it per project)", file=sys.stderr, flush=True)
+
+
 def deepspeed_plugins(cfg: Config) -> dict:
     """{'gen': plugin, 'disc': plugin} (disc only when the GAN loss is on)."""
     try:
@@ -69,6 +100,7 @@ def deepspeed_plugins(cfg: Config) -> dict:
         from accelerate.utils import DeepSpeedPlugin
     except ImportError:
         raise ConfigError("train.backend=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from None
+    announce_extension_build()  # the Accelerator built with these plugins starts the process group
     gen = load_deepspeed_json(cfg.train.deepspeed_config)
     plugins = {"gen": DeepSpeedPlugin(hf_ds_config=resolved_deepspeed_dict(cfg, gen))}
     if cfg.loss.disc_weight > 0:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 
 def _plain(value):
@@ -78,7 +79,51 @@ class RunLogger:
             if "wandb" in trackers:
                 run_id = wandb_run_id(self.run_dir) if self.main else None
                 init_kwargs["wandb"] = {"name": name, "id": run_id, "resume": "allow", "dir": str(self.run_dir)}
-            accelerator.init_trackers(project, config=_flatten(config), init_kwargs=init_kwargs)
+            accelerator.init_trackers(project, config=None, init_kwargs=init_kwargs)
+            self._store_config(_flatten(config))
+
+    def _store_config(self, values: dict) -> None:
+        """The config as hyperparameters. W&B: every launch (a resumed run updates the same run).
+        TensorBoard: once per run folder, in the fixed subfolder ``hparams`` (Accelerate would add a new
+        time-stamped folder, twice, at every launch and resume)."""
+        for tracker in self.accelerator.trackers:
+            if tracker.name != "tensorboard":
+                tracker.store_init_configuration(values)
+                continue
+            folder = Path(tracker.writer.log_dir) / "hparams"
+            if not folder.exists():
+                tracker.writer.add_hparams(values, metric_dict={}, run_name="hparams")
+                (folder / "hparams.yml").write_text(yaml.safe_dump(values, sort_keys=False))
+
+    def _tensorboard(self):
+        if not (self.main and "tensorboard" in self.trackers):
+            return None
+        return self.accelerator.get_tracker("tensorboard", unwrap=True)
+
+    def log_evaluation(self, step: int, result) -> None:
+        """A held-out evaluation (bavq.evaluate.EvalResult): ``val/`` scalars everywhere, and in
+        TensorBoard the reconstruction grid (originals over reconstructions) and the code histogram.
+        Called at the final evaluation, so a run without ``train.eval_every`` still shows them."""
+        if not self.main:
+            return
+        self.log(step, {f"val/{k}": v for k, v in result.summary().items() if not isinstance(v, str)})
+        writer = self._tensorboard()
+        if writer is None:
+            return
+        if result.samples:
+            from torchvision.utils import make_grid
+
+            both = torch.cat([result.samples["images"], result.samples["recon"]]).float()
+            grid = make_grid((both + 1) / 2, nrow=result.samples["images"].shape[0], padding=1)
+            writer.add_image("val/reconstructions", grid.clamp(0, 1), global_step=step)
+        if result.histogram is not None and result.histogram.sum() > 0:
+            counts = result.histogram.astype("float64")
+            codes = torch.arange(len(counts), dtype=torch.float64).numpy()
+            writer.add_histogram_raw("val/code_histogram", min=0, max=len(counts) - 1, num=counts.sum(),
+                                     sum=float((codes * counts).sum()), sum_squares=float((codes ** 2 * counts).sum()),
+                                     bucket_limits=(codes + 0.5).tolist(), bucket_counts=counts.tolist(),
+                                     global_step=step)
+        writer.flush()
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.main:

@@ -7,7 +7,6 @@ gradient all-reduce and the quantizer's statistics all-reduce (bavq.dist).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,6 +19,7 @@ from bavq.data import build_eval_loader, build_train_stream
 from bavq.evaluate import evaluate_model, write_final_outputs
 from bavq.losses import GeneratorLoss, discriminator_loss
 from bavq.models import build_discriminator, build_model, plain_generator
+from bavq.paths import removed_on_failure
 from bavq.quantizers import build_quantizer
 from bavq.train import checkpoint as ckpt
 from bavq.train.backend import make_accelerator
@@ -38,6 +38,11 @@ class Trainer:
     """Builds everything from one Config and runs the loop. ``Trainer(cfg).fit()`` is the story."""
 
     def __init__(self, cfg: Config):
+        # a failed start (config or data mistake, refused launcher) leaves no empty run folder behind
+        with removed_on_failure(Path(cfg.train.output_dir) / cfg.train.name):
+            self._setup(cfg)
+
+    def _setup(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir) / cfg.train.name
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -262,12 +267,11 @@ class Trainer:
     def _progress_bar(self):
         if not (self.accelerator.is_main_process and self.cfg.log.progress):
             return None
-        from tqdm import tqdm
+        from bavq.progress import progress
 
-        # In a batch job's log file a bar redrawn every step would bury everything else.
-        interactive = sys.stderr.isatty()
-        return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.train.name,
-                    unit="step", dynamic_ncols=True, mininterval=0.5 if interactive else 60.0)
+        # a bar on a terminal; plain periodic lines in a batch job's log (no carriage returns)
+        return progress(total=self.total_steps, initial=self.state.step, desc=self.cfg.train.name,
+                        unit="step", mininterval=0.5)
 
     def _log_training(self, metrics: dict, samples_per_s: float, bar) -> None:
         """Average per-rank losses over ranks (quantizer metrics are already global), log, check sync."""
@@ -321,6 +325,7 @@ class Trainer:
         final = write_final_outputs(self.run_dir, self.cfg, model, result, extra,
                                     is_main=self.accelerator.is_main_process)
         self.logger.log(self.state.step, {f"final/{k}": v for k, v in final.items() if k != "rfid_reason"})
+        self.logger.log_evaluation(self.state.step, result)  # held-out scalars, images, histogram
         self.accelerator.wait_for_everyone()
         return final
 

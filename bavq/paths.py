@@ -1,0 +1,44 @@
+"""Folders that a failed start must not leave behind.
+
+A start that fails (a config mistake, missing data, a refused launcher) should leave the disk as it
+found it: ``removed_on_failure(path)`` notes the outermost folder of ``path`` that does not exist
+yet and, if the block raises, removes it again (with whatever the failed start put inside).
+Folders that existed before are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+
+def first_missing(path: str | Path) -> Path | None:
+    """The outermost folder on the way to ``path`` that does not exist (None when ``path`` exists)."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    missing = path
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing = parent
+    return missing
+
+
+def remove_created(created: Path | None) -> None:
+    """Remove a folder that :func:`first_missing` reported and this process then created."""
+    if created is not None and created.is_dir():
+        shutil.rmtree(created, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: str | Path):
+    """Remove the folders of ``path`` that this block created if the block raises (any exception,
+    Ctrl-C included), then re-raise."""
+    created = first_missing(path)
+    try:
+        yield
+    except BaseException:
+        remove_created(created)
+        raise

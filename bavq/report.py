@@ -40,7 +40,7 @@ METRICS = (
 # group. Any other difference inside a (variant, K) group is added to the label, so tuned variants
 # are never averaged together silently.
 _NEUTRAL = ("train.seed", "train.name", "train.output_dir", "train.resume", "train.save_every",
-            "train.keep_last", "train.keep_every", "train.check_codebook_sync", "log.", "data.root",
+            "train.keep_last", "train.keep_every", "train.check_codebook_sync", "train.compile", "log.", "data.root",
             "data.num_workers", "eval.batch_size", "eval.num_recon_images", "quantizer.chunk_size",
             "quantizer.chunk_budget_mib", "quantizer.num_codes")
 # Training curves: the first key that any run logged (window metrics first, per-batch ones as a fallback).

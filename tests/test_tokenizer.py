@@ -3,14 +3,11 @@ reconstruction; bad inputs are one-line errors; bavq-export writes a folder from
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from test_train import ROOT
 
 import bavq
+from bavq.cli import export_main
 from bavq.config import ConfigError
 from bavq.data import build_eval_loader
 from bavq.tokenizer import Tokenizer
@@ -25,9 +22,7 @@ def test_run_checkpoint_and_exported_folders_give_the_same_indices(tiny_run, tmp
     assert bavq.Tokenizer is Tokenizer
     ckpt = Tokenizer.from_pretrained(tiny_run / "checkpoints" / "step_00000002")  # DDP layout, MANIFEST checked
     saved = Tokenizer.from_pretrained(run.save_pretrained(tmp_path / "saved"))
-    proc = subprocess.run([sys.executable, "-m", "bavq.export", str(tiny_run), "--out", str(tmp_path / "cli")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert export_main([str(tiny_run), "--out", str(tmp_path / "cli")]) == 0
     exported = Tokenizer.from_pretrained(tmp_path / "cli")
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["config.yaml", "model.safetensors",
                                                                    "tokenizer.json"]
@@ -74,7 +69,7 @@ def test_bad_images_are_one_line_errors(tiny_run, make, needle):
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
-def test_bad_indices_and_paths_are_one_line_errors(tiny_run, tmp_path):
+def test_bad_indices_and_paths_are_one_line_errors(tiny_run, tmp_path, capsys):
     tok = Tokenizer.from_pretrained(tiny_run)
     for bad, needle in ((torch.full((1, 4, 4), 32), "32 codes"), (torch.zeros(1, 4, 4), "integer"),
                         (torch.zeros(4, 4, dtype=torch.long), "(B, h, w)")):
@@ -87,7 +82,6 @@ def test_bad_indices_and_paths_are_one_line_errors(tiny_run, tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not an exported tokenizer folder"):
         tok.save_pretrained(tmp_path / "busy")
-    bad_out = tmp_path / "w.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "bavq.export", str(tiny_run), "--out", str(bad_out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "folder" in proc.stderr
+    assert export_main([str(tiny_run), "--out", str(tmp_path / "w.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is a folder" in err, err

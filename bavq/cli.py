@@ -122,13 +122,12 @@ def eval_main(argv: list[str] | None = None, prog: str = "bavq-eval") -> int:
     import numpy as np
 
     try:
-        from bavq.train.checkpoint import load_generator_state
+        from bavq.tokenizer import Tokenizer
 
-        state, folder = load_generator_state(args.checkpoint)
-        config_path = Path(args.config) if args.config else folder / "config.yaml"
-        cfg = load_config(config_path, list(args.overrides) + ["log.wandb=false", "log.tensorboard=false"])
-        out = Path(args.out) if args.out else folder / "eval_metrics.json"
-        summary = _run_eval(cfg, state, out.parent)
+        tokenizer = Tokenizer.from_pretrained(args.checkpoint, config=args.config, overrides=list(args.overrides)
+                                              + ["log.wandb=false", "log.tensorboard=false"])
+        out = Path(args.out) if args.out else tokenizer.source_dir / "eval_metrics.json"
+        summary = _run_eval(tokenizer, out.parent)
     except (ConfigError, FileNotFoundError) as exc:
         return fail(prog, str(exc).splitlines()[0])
     if summary is not None:  # main process
@@ -142,21 +141,21 @@ def eval_main(argv: list[str] | None = None, prog: str = "bavq-eval") -> int:
     return 0
 
 
-def _run_eval(cfg, state: dict, work_dir):
-    """Build a plain fp32 model with the checkpoint's weights and evaluate on every rank; main gets the
-    summary. Evaluation needs no DeepSpeed engine and no mixed-precision wrapper whatever trained the
-    weights: the Accelerator here only joins the launcher's process group and picks the device."""
+def _run_eval(tokenizer, work_dir):
+    """Evaluate the tokenizer's plain fp32 model on every rank; main gets the summary. Evaluation needs
+    no DeepSpeed engine and no mixed-precision wrapper whatever trained the weights: the Accelerator
+    here only joins the launcher's process group and picks the device."""
     import dataclasses
     import functools
 
     from bavq.data import build_eval_loader
     from bavq.evaluate import evaluate_model
-    from bavq.models import plain_generator
     from bavq.train.backend import make_accelerator
 
+    cfg = tokenizer.config
     plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend="ddp", mixed_precision="no"))
     accelerator = make_accelerator(plain, str(work_dir), None)
-    model = plain_generator(cfg, state, accelerator.device)
+    model = tokenizer.to(accelerator.device).model
     loader = build_eval_loader(cfg, accelerator.process_index, accelerator.num_processes)
     from bavq.progress import track
 
@@ -174,29 +173,27 @@ def eval_entry() -> None:
 
 
 def export_main(argv: list[str] | None = None, prog: str = "bavq-export") -> int:
-    """Consolidated generator weights (safetensors) from a checkpoint; DeepSpeed ZeRO shards are
-    merged by DeepSpeed's own zero_to_fp32."""
-    p = OneLineParser(prog=prog, description="Write consolidated safetensors weights of a checkpoint's generator.")
-    p.add_argument("checkpoint", help="checkpoint folder (RUN/checkpoints/step_XXXXXXXX) or run folder")
-    p.add_argument("--out", help="output .safetensors (default: CHECKPOINT/generator.safetensors)")
+    """A tokenizer folder (model.safetensors, config.yaml, tokenizer.json) from a run or checkpoint,
+    loadable by ``bavq.Tokenizer.from_pretrained``; DeepSpeed ZeRO shards are merged by DeepSpeed's own
+    zero_to_fp32."""
+    p = OneLineParser(prog=prog, description="Write a run's or checkpoint's generator as a tokenizer folder "
+                      "(fp32 model.safetensors + config.yaml), loadable by bavq.Tokenizer.from_pretrained.")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder (RUN/checkpoints/step_XXXXXXXX) or weights file")
+    p.add_argument("--out", help="output folder (default: CHECKPOINT/tokenizer)")
+    p.add_argument("--config", help="config YAML (default: config.yaml beside the weights)")
     args = p.parse_args(argv)
-    import shutil
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from bavq.tokenizer import Tokenizer
 
-    from bavq.train.checkpoint import load_generator_state
-
+    if args.out and args.out.endswith(".safetensors"):
+        return fail(prog, f"--out is a folder (model.safetensors and config.yaml go inside), got '{args.out}'")
     try:
-        state, folder = load_generator_state(args.checkpoint)
+        tokenizer = Tokenizer.from_pretrained(args.checkpoint, config=args.config)
+        out = tokenizer.save_pretrained(Path(args.out) if args.out else tokenizer.source_dir / "tokenizer")
     except (ConfigError, FileNotFoundError) as exc:
         return fail(prog, str(exc).splitlines()[0])
-    out = Path(args.out) if args.out else folder / "generator.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
-    if (folder / "config.yaml").is_file() and not (out.parent / "config.yaml").exists():
-        shutil.copy(folder / "config.yaml", out.parent / "config.yaml")
-    print(f"wrote {out} ({len(state)} tensors)")
+    print(f"wrote {out} ({tokenizer!r})")
     return 0
 
 

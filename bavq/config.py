@@ -127,6 +127,9 @@ class TrainConfig:
     deepspeed_config: str = ""  # DeepSpeed JSON of the generator engine; empty = built-in ZeRO-2 defaults
     deepspeed_disc_config: str = ""  # DeepSpeed JSON of the discriminator engine; empty = deepspeed_config
     ema_decay: float = 0.0  # EMA of the weights (timm ModelEmaV3); 0 = off
+    # torch.compile the encoder and decoder (never the quantizer: its codebook math stays fp32 and eager)
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend when compile=true (e.g. aot_eager: no C++ build)
     log_every: int = 50  # steps between training logs
     eval_every: int = 0  # steps between held-out evaluations; 0 = only at the end
     save_every: int = 0  # steps between checkpoints; 0 = only at the end and on preemption
@@ -296,6 +299,7 @@ def validate(cfg: Config) -> Config:
     _check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     _check(t.stop_at_step >= 0, "train.stop_at_step", "must be >= 0")
     _check(bool(t.name) and "/" not in t.name, "train.name", "must be a non-empty name without '/'")
+    _check(bool(t.compile_backend), "train.compile_backend", "must name a torch.compile backend")
     _check(cfg.log.usage_window >= 1, "log.usage_window", "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _one_of(cfg.eval.precision, "eval.precision", ("fp32", "bf16"))

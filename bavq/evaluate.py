@@ -116,11 +116,11 @@ def write_final_outputs(run_dir: Path, cfg: Config, model, result: EvalResult, e
     if not is_main:
         return final
     run_dir = Path(run_dir)
-    from safetensors.torch import save_file
+    from bavq.tokenizer import write_weights
 
     state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
-    _atomic(run_dir / "final_model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    write_weights(state, run_dir / "final_model.safetensors")  # the format Tokenizer.from_pretrained reads
     _atomic(run_dir / "final_model.pt", lambda tmp: torch.save({"state_dict": state, "config": to_dict(cfg)}, tmp))
     _atomic(run_dir / "code_histogram.npy", lambda tmp: np.save(tmp, result.histogram))
     if result.samples:

@@ -41,7 +41,7 @@ METRICS = (
 # group. Any other difference inside a (variant, K) group is added to the label, so tuned variants
 # are never averaged together silently.
 _NEUTRAL = ("train.seed", "train.name", "train.output_dir", "train.resume", "train.save_every",
-            "train.keep_last", "train.keep_every", "train.check_codebook_sync", "log.", "data.root",
+            "train.keep_last", "train.keep_every", "train.check_codebook_sync", "train.compile", "log.", "data.root",
             "data.num_workers", "eval.batch_size", "eval.num_recon_images", "quantizer.chunk_size",
             "quantizer.chunk_budget_mib", "quantizer.num_codes")
 # Training curves: the first key that any run logged (window metrics first, per-batch ones as a fallback).
@@ -566,16 +566,26 @@ def _unique_names(runs: list[Run]) -> None:
             r.name = f"{r.name}_{seen[r.name]}"
 
 
-def write_report(paths: list[str], out: str | Path, title: str = "bavq report",
-                 label_keys: list[str] | None = None) -> dict:
-    """Find and load the runs under ``paths``, write the report into ``out`` and return the summary
-    (also written as summary.json). Raises ReportError when no run is found."""
+def load_runs_and_notes(paths: list[str], label_keys: list[str] | None = None) -> tuple[list[Run], list[str]]:
+    """Find and load the runs under ``paths`` (run folders, parents, globs), with unique names and
+    variant labels (by ``label_keys`` when given); also the notes that explain shortened labels.
+    Raises ReportError when none is found."""
     runs = [load_run(d) for d in find_run_dirs(paths)]
     _unique_names(runs)
-    label_notes = assign_variants(runs, label_keys)
+    return runs, assign_variants(runs, label_keys)
+
+
+def load_runs(paths: list[str], label_keys: list[str] | None = None) -> list[Run]:
+    """The runs of :func:`load_runs_and_notes` (what ``notebooks/analyze.ipynb`` starts from)."""
+    return load_runs_and_notes(paths, label_keys)[0]
+
+
+def write_plots(runs: list[Run], out: str | Path) -> dict:
+    """Every plot of the report into ``out``: {"usage" | "perplexity" | "frequency" | "scatter": path
+    relative to ``out``, "grids": {run name: path relative to ``out``}} (runs without a
+    reconstructions.png have no grid). Also what ``notebooks/analyze.ipynb`` shows."""
     out = Path(out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs)
     colors = _colors(runs)
     plot_over_steps(runs, colors, USAGE_KEYS, "val/codebook_usage", "codebook_usage", "codebook usage (%)", 100.0,
                     out / PLOTS["usage"])
@@ -583,8 +593,19 @@ def write_report(paths: list[str], out: str | Path, title: str = "bavq report",
                     out / PLOTS["perplexity"])
     plot_code_frequency(runs, colors, out / PLOTS["frequency"])
     plot_psnr_vs_usage(runs, colors, out / PLOTS["scatter"])
-    grids = {r.name: f"grids/{quote(r.name)}.png" for r in sorted(runs, key=lambda r: (_sort_key(r), str(r.seed)))
+    grids = {r.name: f"grids/{r.name}.png" for r in sorted(runs, key=lambda r: (_sort_key(r), str(r.seed)))
              if plot_grid(r, out / "grids" / f"{r.name}.png")}
+    return {**PLOTS, "grids": grids}
+
+
+def write_report(paths: list[str], out: str | Path, title: str = "bavq report",
+                 label_keys: list[str] | None = None) -> dict:
+    """Find and load the runs under ``paths``, write the report into ``out`` and return the summary
+    (also written as summary.json). Raises ReportError when no run is found."""
+    runs, label_notes = load_runs_and_notes(paths, label_keys)
+    out = Path(out)
+    summary = summarize(runs)
+    grids = {name: quote(rel) for name, rel in write_plots(runs, out)["grids"].items()}
     (out / "table.md").write_text(markdown_table(table_rows(summary)) + "\n")
     diagnostics = diagnostics_rows(runs)
     (out / "diagnostics.md").write_text(markdown_table(diagnostics) + "\n" if len(diagnostics) > 1 else "")

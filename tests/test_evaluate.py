@@ -10,14 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from test_train import ROOT, make_image_folder, run_cli, tiny_overrides
 
-from bavq.config import load_config
 from bavq.data import build_eval_loader
-from bavq.models import build_model
-from bavq.quantizers import build_quantizer
-from bavq.train.checkpoint import load_generator_state
+from bavq.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +26,13 @@ def trained_run(tmp_path_factory):
 
 
 def direct_histogram(run) -> tuple[np.ndarray, int]:
-    cfg = load_config(run / "config.yaml")
-    state, _ = load_generator_state(run)
-    model = build_model(cfg, build_quantizer(cfg.quantizer)).eval()
-    model.load_state_dict(state)
-    hist, images, keys = np.zeros(cfg.quantizer.num_codes, dtype=np.int64), 0, []
-    with torch.no_grad():
-        for x, batch_keys in build_eval_loader(cfg, 0, 1):
-            _, q = model(x)
-            hist += np.bincount(q.indices.flatten().numpy(), minlength=cfg.quantizer.num_codes)
-            images += x.shape[0]
-            keys += list(batch_keys)
+    tokenizer = Tokenizer.from_pretrained(run)
+    k = tokenizer.num_codes
+    hist, images, keys = np.zeros(k, dtype=np.int64), 0, []
+    for x, batch_keys in build_eval_loader(tokenizer.config, 0, 1):
+        hist += np.bincount(tokenizer.encode(x).flatten().numpy(), minlength=k)
+        images += x.shape[0]
+        keys += list(batch_keys)
     assert len(keys) == len(set(keys)) == images
     return hist, images
 

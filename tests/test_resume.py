@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import ROOT, make_image_folder, read_jsonl, run_cli, tiny_overrides
 
+from bavq.tokenizer import Tokenizer
 from bavq.train.checkpoint import list_checkpoints, verify_checkpoint
 
 
@@ -165,11 +166,16 @@ def test_deepspeed_zero2_gan_trains_saves_resumes_and_exports(image_folder, tmp_
     final = json.loads((tmp_path / "ds" / "final_metrics.json").read_text())
     assert final["world_size"] == 2 and final["steps"] == 3
     last = tmp_path / "ds" / "checkpoints" / "step_00000003"
-    out = tmp_path / "export" / "gen.safetensors"
-    proc = subprocess.run([sys.executable, "-c", "import sys; from bavq.cli import export_main; "
-                           f"sys.exit(export_main(['{last}', '--out', '{out}']))"],
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "bavq.export", str(last), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    exported, live = load_file(str(out)), load_file(str(tmp_path / "ds" / "final_model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    live = load_file(str(tmp_path / "ds" / "final_model.safetensors"))
     for key, value in live.items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=0, msg=key)
+    # the ZeRO checkpoint, the run folder and the exported folder are the same tokenizer
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    indices = Tokenizer.from_pretrained(last).encode(x)
+    for source in (tmp_path / "ds", out):
+        torch.testing.assert_close(Tokenizer.from_pretrained(source).encode(x), indices, rtol=0, atol=0)

@@ -15,7 +15,7 @@ from .vqgan import VQGAN
 from .vqvae import VQVAE
 
 __all__ = ["LPIPS", "NLayerDiscriminator", "VQGAN", "VQVAE", "build_discriminator", "build_lpips",
-           "build_model", "convert_lpips_weights", "plain_generator"]
+           "build_model", "compile_autoencoder", "convert_lpips_weights", "plain_generator"]
 
 
 def build_model(cfg: Config, quantizer: nn.Module) -> nn.Module:
@@ -40,6 +40,19 @@ def build_model(cfg: Config, quantizer: nn.Module) -> nn.Module:
         return VQGAN(quantizer, attn_resolutions=tuple(m.attn_resolutions), resolution=cfg.data.image_size,
                      **common)
     raise ConfigError(f"config key 'model.arch': '{m.arch}' is not one of vqvae, vqgan")
+
+
+def compile_autoencoder(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` the encoder and the decoder of ``model`` in place and return it.
+
+    ``nn.Module.compile`` keeps parameter names (no ``_orig_mod.`` prefix), so checkpoints, exports and
+    ``plain_generator`` are unchanged. The quantizer stays eager: its distances and statistics must run
+    in fp32 with autocast off, and its data-dependent steps (data init, restarts, all-reduces) would
+    only break graphs.
+    """
+    model.encoder.compile(backend=backend)
+    model.decoder.compile(backend=backend)
+    return model
 
 
 def plain_generator(cfg: Config, state: dict, device="cpu") -> nn.Module:

@@ -30,6 +30,7 @@ from bavq.config import Config, ConfigError, from_dict, save_config, to_dict
 
 CKPT_RE = re.compile(r"^step_(\d{8,})$")
 MANIFEST = "MANIFEST.json"
+EXPORT_INFO = "tokenizer.json"  # marks an exported tokenizer folder (bavq.Tokenizer.save_pretrained)
 
 
 def checkpoint_name(step: int) -> str:
@@ -216,13 +217,16 @@ def _strip_prefix(state: dict) -> dict:
 
 def load_generator_state(path: str | Path) -> tuple[dict, Path]:
     """Generator (encoder, quantizer buffers, decoder) weights from a run folder, a checkpoint folder
-    (DDP or DeepSpeed ZeRO shards, consolidated with DeepSpeed's own tool) or a weights file.
-    Returns (state_dict, the folder holding config.yaml)."""
+    (DDP or DeepSpeed ZeRO shards, consolidated with DeepSpeed's own tool), an exported tokenizer
+    folder or a weights file. Returns (state_dict, the folder holding config.yaml)."""
     path = Path(path)
     if path.is_file():
         return _load_weights_file(path), path.parent
     if not path.is_dir():
-        raise ConfigError(f"'{path}' is neither a run folder, a checkpoint folder nor a weights file")
+        raise ConfigError(f"'{path}' is neither a run folder, a checkpoint folder, an exported tokenizer "
+                          "folder nor a weights file")
+    if (path / EXPORT_INFO).is_file():  # written last by save_pretrained: the folder is complete
+        return _load_weights_file(path / "model.safetensors"), path
     if (path / "final_model.safetensors").is_file():
         return _load_weights_file(path / "final_model.safetensors"), path
     reason = verify_checkpoint(path)

@@ -18,7 +18,7 @@ from bavq.config import Config, save_config, to_dict
 from bavq.data import build_eval_loader, build_train_stream
 from bavq.evaluate import evaluate_model, write_final_outputs
 from bavq.losses import GeneratorLoss, discriminator_loss
-from bavq.models import build_discriminator, build_model, plain_generator
+from bavq.models import build_discriminator, build_model, compile_autoencoder, plain_generator
 from bavq.paths import removed_on_failure
 from bavq.quantizers import build_quantizer
 from bavq.train import checkpoint as ckpt
@@ -80,6 +80,8 @@ class Trainer:
         quantizer = build_quantizer(cfg.quantizer, seed=cfg.train.seed, usage_window=cfg.log.usage_window)
         quantizer.auto_update = cfg.train.grad_accum == 1
         model = build_model(cfg, quantizer)
+        if cfg.train.compile:
+            compile_autoencoder(model, cfg.train.compile_backend)
         disc = build_discriminator(cfg)
         perceptual = None
         if cfg.loss.perceptual_weight > 0:

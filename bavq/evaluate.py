@@ -9,7 +9,6 @@ one it is reported as null with the reason, never estimated.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from bavq import dist
 from bavq.config import Config, to_dict
 from bavq.metrics import CodebookStats, psnr_per_image, ssim_per_image
+from bavq.paths import atomic_write
 
 
 @dataclass
@@ -121,24 +121,12 @@ def write_final_outputs(run_dir: Path, cfg: Config, model, result: EvalResult, e
     state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
     write_weights(state, run_dir / "final_model.safetensors")  # the format Tokenizer.from_pretrained reads
-    _atomic(run_dir / "final_model.pt", lambda tmp: torch.save({"state_dict": state, "config": to_dict(cfg)}, tmp))
-    _atomic(run_dir / "code_histogram.npy", lambda tmp: np.save(tmp, result.histogram))
+    atomic_write(run_dir / "final_model.pt", lambda tmp: torch.save({"state_dict": state, "config": to_dict(cfg)}, tmp))
+    atomic_write(run_dir / "code_histogram.npy", lambda tmp: np.save(tmp, result.histogram))
     if result.samples:
-        _atomic(run_dir / "reconstructions.png", lambda tmp: save_image_grid(result.samples, tmp))
-    _atomic(run_dir / "final_metrics.json", lambda tmp: tmp.write_text(json.dumps(final, indent=2)))
+        atomic_write(run_dir / "reconstructions.png", lambda tmp: save_image_grid(result.samples, tmp))
+    atomic_write(run_dir / "final_metrics.json", lambda tmp: tmp.write_text(json.dumps(final, indent=2)))
     return final
-
-
-def _atomic(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # keeps the suffix (np.save, PNG)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":  # `torchrun --nproc_per_node N -m bavq.evaluate RUN ...` = bavq-eval on N ranks

@@ -1,4 +1,4 @@
-"""Folders that a failed start must not leave behind.
+"""Files written atomically, and folders that a failed start must not leave behind.
 
 A start that fails (a config mistake, missing data, a refused launcher) should leave the disk as it
 found it: ``removed_on_failure(path)`` notes the outermost folder of ``path`` that does not exist
@@ -9,6 +9,7 @@ Folders that existed before are never touched.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -42,3 +43,21 @@ def removed_on_failure(path: str | Path):
     except BaseException:
         remove_created(created)
         raise
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path`` (same suffix, so writers that infer the
+    format from it work), flushed to disk, then renamed over ``path``: a kill mid-write leaves the
+    previous complete file or none. The file gets the usual umask permissions."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create 0600 files
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from bavq import __version__
 from bavq.config import Config, ConfigError, load_config, save_config
+from bavq.paths import atomic_write
 from bavq.train.checkpoint import EXPORT_INFO
 
 WEIGHTS = "model.safetensors"
@@ -201,16 +202,5 @@ def write_weights(state: dict, path: str | Path) -> None:
     and the trainer's ``final_model.safetensors``."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     cpu = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        save_file(cpu, str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; weights are shared like any output
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp)))

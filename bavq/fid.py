@@ -132,30 +132,42 @@ def mean_and_covariance(count, feature_sum: Tensor, outer_sum: Tensor) -> tuple[
 
 
 def _psd_eigh(matrix: Tensor, rtol: float, what: str, scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of a symmetric PSD matrix with round-off negatives set to 0; a clearly
-    negative eigenvalue (below -rtol · scale, by default the largest magnitude) raises."""
+    """Eigen-decomposition of a symmetric PSD matrix whose round-off eigenvalues are set to 0.
+
+    A clearly negative eigenvalue (below -rtol · scale, by default the largest magnitude) means the
+    input is not PSD and raises. Eigenvalues below eps · scale are round-off and become exactly 0:
+    with fewer images than features most directions are null, and the square roots of their ~1e-16
+    noise would otherwise add up to a bias (measured: relative error 3e-8 with 12 images in 2,048
+    dimensions against an exact low-dimensional computation, 5e-11 with the cut-off; a larger
+    cut-off, n · eps, drops real small eigenvalues and costs 5e-9 on a closed-form case).
+    """
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     scale = max(float(scale if scale is not None else values.abs().max()), torch.finfo(torch.float64).tiny)
     if values.min() < -rtol * scale:
         raise ValueError(f"Fréchet distance: {what} has eigenvalue {values.min().item():.3g} "
                          f"(scale {scale:.3g}); not positive semi-definite")
-    return values.clamp_min(0), vectors
+    noise = torch.finfo(torch.float64).eps * scale
+    return torch.where(values > noise, values, torch.zeros_like(values)), vectors
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, rtol: float = 1e-8) -> float:
     """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) in float64.
 
-    Tr (Σ1 Σ2)^½ = Σ √λ of the symmetric PSD matrix A = Σ1^½ Σ2 Σ1^½ (same eigenvalues as Σ1 Σ2),
-    so two symmetric eigen-decompositions replace a general matrix square root: real by construction
-    and stable when the covariances are singular (fewer images than 2048 features). Eigenvalues
-    that round-off pushes below zero are clamped after the tolerance check in :func:`_psd_eigh`.
+    Tr (Σ1 Σ2)^½ = Σ √λ over the eigenvalues of the symmetric PSD matrix A = Σ1^½ Σ2 Σ1^½ (the same
+    as those of Σ1 Σ2), so symmetric eigen-decompositions replace a general matrix square root
+    (scipy.linalg.sqrtm): real by construction, no imaginary part to discard, and stable when the
+    covariances are singular (fewer images than 2048 features).
     """
     mu1, sigma1, mu2, sigma2 = (torch.as_tensor(t, dtype=torch.float64, device="cpu")
                                 for t in (mu1, sigma1, mu2, sigma2))
     values, vectors = _psd_eigh(sigma1, rtol, "covariance 1")
-    root1 = (vectors * values.sqrt()) @ vectors.T
-    # Round-off in A is relative to ‖Σ1‖·‖Σ2‖, not to A's own largest eigenvalue (which is tiny when the
-    # two covariances live in nearly orthogonal subspaces).
-    product, _ = _psd_eigh(root1 @ sigma2 @ root1, rtol, "Σ1^½ Σ2 Σ1^½", scale=values.max() * sigma2.trace())
+    keep = values > 0
+    # A's nonzero eigenvalues are those of Bᵀ Σ2 B with B = V √Λ over the r nonzero eigenvalues of Σ1:
+    # an r × r matrix, small when there are fewer images than features.
+    half = vectors[:, keep] * values[keep].sqrt()  # (D, r)
+    # Round-off in A is relative to ‖Σ1‖·‖Σ2‖, not to A's own largest eigenvalue (tiny when the two
+    # covariances live in nearly orthogonal subspaces); the Frobenius norm bounds ‖Σ2‖ cheaply.
+    scale = values.max() * torch.linalg.matrix_norm(sigma2)
+    product, _ = _psd_eigh(half.T @ sigma2 @ half, rtol, "Σ1^½ Σ2 Σ1^½", scale=scale)
     diff = mu1 - mu2
     return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * product.sqrt().sum())

@@ -168,6 +168,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, rtol: float = 1e-8) -> float:
     # Round-off in A is relative to ‖Σ1‖·‖Σ2‖, not to A's own largest eigenvalue (tiny when the two
     # covariances live in nearly orthogonal subspaces); the Frobenius norm bounds ‖Σ2‖ cheaply.
     scale = values.max() * torch.linalg.matrix_norm(sigma2)
-    product, _ = _psd_eigh(half.T @ sigma2 @ half, rtol, "Σ1^½ Σ2 Σ1^½", scale=scale)
+    root_trace = 0.0
+    if keep.any():  # Σ1 = 0 (all images identical) leaves nothing to take a square root of
+        product, _ = _psd_eigh(half.T @ sigma2 @ half, rtol, "Σ1^½ Σ2 Σ1^½", scale=scale)
+        root_trace = product.sqrt().sum()
     diff = mu1 - mu2
-    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * product.sqrt().sum())
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * root_trace)

@@ -90,13 +90,18 @@ def format_metrics_table(final: dict, run_dir) -> str:
             ("codebook usage", f"{final['codebook_usage']:.4f}"), ("perplexity", f"{final['perplexity']:.2f}"),
             ("normalized entropy", f"{final['normalized_entropy']:.4f}"), ("dead codes", final["dead_codes"]),
             ("PSNR (dB)", f"{final['psnr']:.2f}"), ("SSIM", f"{final['ssim']:.4f}"),
-            ("rFID", final["rfid"] if final["rfid"] is not None else "null (no local Inception weights)"),
+            ("rFID", _optional(final.get("rfid"), "{:.2f}", "no local Inception weights")),
+            ("LPIPS", _optional(final.get("lpips"), "{:.4f}", "no local LPIPS weights")),
             ("steps", final["steps"]), ("samples seen", final["samples_seen"]),
             ("world size", final["world_size"]), ("wall seconds", final["wall_seconds"])]
     width = max(len(r[0]) for r in rows)
     lines = [f"final metrics ({run_dir}/final_metrics.json)"]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
+
+
+def _optional(value, fmt: str, missing: str) -> str:
+    return fmt.format(value) if value is not None else f"null ({missing})"
 
 
 def train_entry() -> None:

@@ -154,7 +154,8 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 256  # images per rank during evaluation
-    inception_weights: str = ""  # local path of the FID Inception weights; empty = rFID is null
+    inception_weights: str = ""  # local pt_inception-2015-12-05-6726825d.pth for rFID; empty = rFID is null
+    inception_input_size: int = 299  # Inception input side; 299 = standard FID (smaller: fast tests only)
     num_recon_images: int = 16  # images saved in the reconstruction grid
     precision: str = "fp32"  # "fp32" or "bf16" (autocast over fp32 weights); codebook math stays fp32
 
@@ -303,6 +304,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.log.usage_window >= 1, "log.usage_window", "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _one_of(cfg.eval.precision, "eval.precision", ("fp32", "bf16"))
+    _check(cfg.eval.inception_input_size >= 75, "eval.inception_input_size", "Inception needs >= 75 pixels")
     return cfg
 
 

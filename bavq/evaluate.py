@@ -1,9 +1,10 @@
 """Whole-split evaluation over all ranks and the run's final outputs.
 
 Every held-out image is seen exactly once across ranks (the loader guarantees it); the code
-histogram and the PSNR/SSIM sums are reduced once at the end, so ranks with uneven counts never
-wait on each other per batch. rFID is computed only from a local Inception weights file; without
-one it is reported as null with the reason, never estimated.
+histogram, the PSNR/SSIM/LPIPS sums and the rFID feature statistics are reduced once at the end, so
+ranks with uneven counts never wait on each other per batch. rFID and LPIPS are computed only from
+local weights files (eval.inception_weights, loss.lpips_weights); without one the metric is
+reported as null with the reason, never estimated.
 """
 
 from __future__ import annotations
@@ -30,14 +31,18 @@ class EvalResult:
     rec_l1: float
     rfid: float | None = None
     rfid_reason: str | None = None
+    lpips: float | None = None  # mean per-image LPIPS over the split
+    lpips_reason: str | None = None
     histogram: np.ndarray | None = None  # (K,) int64 code counts over the split
     samples: dict = field(default_factory=dict)  # first images and reconstructions (main process)
 
     def summary(self) -> dict:
         out = {**self.codebook, "psnr": self.psnr, "ssim": self.ssim, "rec_l1": self.rec_l1,
-               "images": self.images, "rfid": self.rfid}
+               "images": self.images, "rfid": self.rfid, "lpips": self.lpips}
         if self.rfid is None:
             out["rfid_reason"] = self.rfid_reason
+        if self.lpips is None:
+            out["lpips_reason"] = self.lpips_reason
         return out
 
 
@@ -55,8 +60,8 @@ def evaluate_model(model, loader, cfg: Config, device, progress=None) -> EvalRes
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=cfg.eval.precision == "bf16")
     stats = CodebookStats(cfg.quantizer.num_codes)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, images, l1
-    fid = _make_fid(cfg, device)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, images, l1, lpips
+    fid, lpips = _make_fid(cfg, device), _make_lpips(cfg, device)
     samples = {}
     for images, _keys in (loader if progress is None else progress(loader)):
         images = images.to(device, non_blocking=True).float()
@@ -67,7 +72,8 @@ def evaluate_model(model, loader, cfg: Config, device, progress=None) -> EvalRes
         psnr = psnr_per_image(images, recon)
         sums += torch.stack([psnr.sum(), ssim_per_image(images, recon).double().sum(),
                              psnr.new_tensor(float(images.shape[0])),
-                             (images - recon).abs().mean(dim=(1, 2, 3)).double().sum()])
+                             (images - recon).abs().mean(dim=(1, 2, 3)).double().sum(),
+                             lpips(images, recon).double().sum() if lpips is not None else psnr.new_zeros(())])
         if fid is not None:
             fid.update(images, recon)
         if not samples:
@@ -77,23 +83,40 @@ def evaluate_model(model, loader, cfg: Config, device, progress=None) -> EvalRes
     sums = dist.all_reduce_sum(sums.to(dist.comm_device())).cpu()
     model.train(was_training)
     n = max(1.0, sums[2].item())
-    rfid, reason = (fid.compute(), None) if fid is not None else (None, _no_fid_reason(cfg))
+    rfid, rfid_reason = (fid.compute(), None) if fid is not None else (None, NO_FID_REASON)
+    lpips_value, lpips_reason = (sums[4].item() / n, None) if lpips is not None else (None, NO_LPIPS_REASON)
     return EvalResult(codebook=stats.compute(), psnr=sums[0].item() / n, ssim=sums[1].item() / n,
-                      images=int(sums[2].item()), rec_l1=sums[3].item() / n, rfid=rfid, rfid_reason=reason,
+                      images=int(sums[2].item()), rec_l1=sums[3].item() / n, rfid=rfid, rfid_reason=rfid_reason,
+                      lpips=lpips_value, lpips_reason=lpips_reason,
                       histogram=stats.histogram.cpu().numpy(), samples=samples)
 
 
-def _no_fid_reason(cfg: Config) -> str:
-    return ("no local Inception weights (set eval.inception_weights to a pt_inception-2015-12-05 file); "
-            "rFID is never downloaded or estimated")
+NO_FID_REASON = ("no local Inception weights (set eval.inception_weights to a pt_inception-2015-12-05-6726825d.pth "
+                 "file); rFID is never downloaded or estimated")
+NO_LPIPS_REASON = ("no local LPIPS weights (set loss.lpips_weights to an LPIPS-VGG16 file); "
+                   "LPIPS is never downloaded or estimated")
 
 
 def _make_fid(cfg: Config, device):
+    """rFID accumulator, or None without eval.inception_weights (a set but bad path raises)."""
     if not cfg.eval.inception_weights:
         return None
     from bavq.fid import ReconstructionFID
 
-    return ReconstructionFID(cfg.eval.inception_weights, device)
+    return ReconstructionFID(cfg.eval.inception_weights, device, cfg.eval.inception_input_size)
+
+
+def _make_lpips(cfg: Config, device):
+    """LPIPS on ``device``, or None without loss.lpips_weights (a set but bad path raises, one line)."""
+    if not cfg.loss.lpips_weights:
+        return None
+    from bavq.config import ConfigError
+    from bavq.models.perceptual import LPIPS
+
+    try:
+        return LPIPS.from_file(cfg.loss.lpips_weights).to(device)
+    except ValueError as exc:  # wrong keys or shapes: a config mistake, reported like one
+        raise ConfigError(str(exc).splitlines()[0]) from None
 
 
 def save_image_grid(samples: dict, path: Path) -> None:
@@ -113,6 +136,7 @@ def write_final_outputs(run_dir: Path, cfg: Config, model, result: EvalResult, e
     the previous complete file or none (``bavq-eval`` prefers ``final_model.safetensors``)."""
     final = {"quantizer": cfg.quantizer.name, "num_codes": cfg.quantizer.num_codes, **result.summary(), **extra}
     final.setdefault("rfid_reason", None)
+    final.setdefault("lpips_reason", None)
     if not is_main:
         return final
     run_dir = Path(run_dir)

@@ -35,6 +35,7 @@ METRICS = (
     ("psnr", "PSNR (dB)", "{:.2f}", 1.0),
     ("ssim", "SSIM", "{:.4f}", 1.0),
     ("rfid", "rFID", "{:.2f}", 1.0),
+    ("lpips", "LPIPS", "{:.4f}", 1.0),
     ("wall_seconds", "wall (s)", "{:.0f}", 1.0),
 )
 # Config keys that do not change what a run measures; runs differing only in these are seeds of one
@@ -501,14 +502,15 @@ def plot_grid(run: Run, path: Path) -> bool:
 
 # ----------------------------------------------------------------------------------------- pages
 def _notes(runs: list[Run], label_notes: list[str] = ()) -> list[str]:
-    reasons = sorted({str(r.final.get("rfid_reason")) for r in runs
-                      if r.final.get("rfid") is None and r.final.get("rfid_reason")})
+    reasons = {key: sorted({str(r.final.get(f"{key}_reason")) for r in runs
+                            if r.final.get(key) is None and r.final.get(f"{key}_reason")}) for key in ("rfid", "lpips")}
     notes = ["Mean ± sample standard deviation (ddof = 1) over the runs of each row; n = runs (seeds). "
              "A value with (n=m) was missing or null in some runs and averages the m that have it.",
              "usage = codes used at least once over the evaluation split ÷ K; perplexity = exp(entropy) of "
              "that split's code histogram; H / log K = normalized entropy; wall = training wall-clock seconds."]
-    if reasons:
-        notes.append("rFID n/a: " + "; ".join(reasons))
+    for key, title in (("rfid", "rFID"), ("lpips", "LPIPS")):
+        if reasons[key]:
+            notes.append(f"{title} n/a: " + "; ".join(reasons[key]))
     if label_notes:
         notes.append("Variants that differ in more settings than fit a label: " + "; ".join(label_notes))
     return notes

@@ -82,10 +82,10 @@ def test_report_table_numbers_plots_and_index(four_runs, tmp_path, capsys):
     table = (out / "table.md").read_text()
     vq_row = next(line for line in table.splitlines() if line.startswith("| VQ-EMA + restart |"))
     cells = [c.strip() for c in vq_row.strip("|").split("|")]
-    # variant, K, n, usage, perplexity, H/logK, dead, PSNR, SSIM, rFID, wall
+    # variant, K, n, usage, perplexity, H/logK, dead, PSNR, SSIM, rFID, LPIPS (absent: n/a), wall
     assert cells[:4] == ["VQ-EMA + restart", "64", "2", "60.0 ± 14.1"]
     assert cells[4] == "80.0 ± 14.1"  # perplexity 20 + 100 * usage
-    assert cells[7] == "25.50 ± 0.71" and cells[9] == "n/a" and cells[10] == "10 ± 1"
+    assert cells[7] == "25.50 ± 0.71" and cells[9] == cells[10] == "n/a" and cells[11] == "10 ± 1"
     ba_row = next(line for line in table.splitlines() if line.startswith("| BA-VQ (λ=1) + restart |"))
     assert "30.00 (n=1)" in ba_row and "92.5 ± 3.5" in ba_row
 

@@ -326,7 +326,7 @@ class Trainer:
                  "codebook_checksums": dist.all_gather_object(tensor_checksum(self.quantizer.codebook))}
         final = write_final_outputs(self.run_dir, self.cfg, model, result, extra,
                                     is_main=self.accelerator.is_main_process)
-        self.logger.log(self.state.step, {f"final/{k}": v for k, v in final.items() if k != "rfid_reason"})
+        self.logger.log(self.state.step, {f"final/{k}": v for k, v in final.items() if not k.endswith("_reason")})
         self.logger.log_evaluation(self.state.step, result)  # held-out scalars, images, histogram
         self.accelerator.wait_for_everyone()
         return final

@@ -9,6 +9,7 @@ Folders that existed before are never touched.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -61,3 +62,27 @@ def atomic_write(path: str | Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data) -> None:
+    """``data`` as JSON at ``path``, atomically (:func:`atomic_write`; the temporary name carries the
+    pid, so parallel writers never share one)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n"))
+
+
+def check_resume_plan(folder: str | Path, plan_path: str | Path, plan: dict, what: str, option: str,
+                      write: bool = True) -> None:
+    """Refuse to resume into ``folder`` when the plan recorded at ``plan_path`` by an earlier run
+    differs from ``plan`` (one line naming the changed keys); record ``plan`` when there is none
+    and ``write`` (the process that owns the folder's bookkeeping)."""
+    from bavq.config import ConfigError
+
+    path = Path(plan_path)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        if changed:
+            raise ConfigError(f"'{folder}' holds {what} written with other settings (changed: {', '.join(changed)}); "
+                              f"use another {option} or delete it")
+    elif write:
+        write_json(path, plan)

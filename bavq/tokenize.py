@@ -40,6 +40,7 @@ from bavq.data.prep import MTIME
 from bavq.data.shards import ErrorCounter, ReadShards, expand_urls, sample_image_bytes, split_by_rank
 from bavq.data.sources import decode_image
 from bavq.data.transforms import eval_transform
+from bavq.paths import check_resume_plan, write_json
 from bavq.tokenizer import Tokenizer
 
 PROG = "bavq-tokenize"
@@ -144,12 +145,6 @@ def _npy(grid: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 class UnitWriter:
     """One output tar, written under a temporary name and renamed into place by :meth:`finish`."""
 
@@ -171,7 +166,7 @@ class UnitWriter:
         self.tar.close()
         os.replace(self.tmp, self.out / self.name)
         record = {"shard": self.name, "count": self.count, **end}
-        _atomic_write_json(self.out / STATE_DIR / f"{self.name}.json", record)  # recorded = complete
+        write_json(self.out / STATE_DIR / f"{self.name}.json", record)  # recorded = complete
         return record
 
 
@@ -239,15 +234,7 @@ def weights_digest(tokenizer: Tokenizer) -> str:
 
 def check_resume(out: Path, plan: dict) -> None:
     """Refuse an output folder that holds tokens of another tokenizer, input or image size."""
-    path = out / STATE_DIR / "plan.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-        if changed:
-            raise ConfigError(f"'{out}' holds tokens written with other inputs (changed: {', '.join(changed)}); "
-                              "use another --out or delete it")
-    elif dist.get_rank() == 0:
-        _atomic_write_json(path, plan)
+    check_resume_plan(out, out / STATE_DIR / "plan.json", plan, "tokens", "--out", write=dist.get_rank() == 0)
 
 
 def finish(out: Path, units: list[Unit], tokenizer: Tokenizer, args, plan: dict) -> dict:
@@ -257,7 +244,7 @@ def finish(out: Path, units: list[Unit], tokenizer: Tokenizer, args, plan: dict)
     if missing:
         raise RuntimeError(f"{len(missing)} units have no record after every rank finished (first: {missing[0]})")
     bad = [dict(b, shard=name) for name, r in records.items() for b in r["bad"]]
-    _atomic_write_json(out / "sizes.json", {name: r["count"] for name, r in records.items()})
+    write_json(out / "sizes.json", {name: r["count"] for name, r in records.items()})
     size = tokenizer.config.data.image_size
     manifest = {
         "bavq_version": __version__, "command": " ".join([PROG] + args.argv),
@@ -270,7 +257,7 @@ def finish(out: Path, units: list[Unit], tokenizer: Tokenizer, args, plan: dict)
         "bad_count": len(bad), "bad": bad[:MAX_BAD_LISTED],
         "read_errors": sum(r["read_errors"] for r in records.values()),
     }
-    _atomic_write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 

@@ -148,4 +148,4 @@ def test_an_output_folder_of_other_tokens_is_refused(tiny_run, image_shards, tmp
     (out / STATE_DIR / "plan.json").write_text(json.dumps({"tokenizer": "/elsewhere"}))
     assert main([str(tiny_run), "--shards", str(image_shards), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "holds tokens written with other inputs" in err, err
+    assert len(err.strip().splitlines()) == 1 and "holds tokens written with other settings" in err, err

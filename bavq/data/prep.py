@@ -37,6 +37,7 @@ from bavq import __version__
 from bavq.config import ConfigError, DataConfig
 from bavq.data import sources
 from bavq.data.transforms import EncodeOptions, encode_image
+from bavq.paths import check_resume_plan, write_json
 
 MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed member mtime so the same input gives the same tar bytes
 STATE_DIR = ".bavq-prep"
@@ -209,12 +210,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def _atomic_write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # pid: parallel parts never share a temp file
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def write_shard(task: tuple[str, int, list[Item]]) -> dict:
     """Encode and write one shard (temp file, then rename), then its bookkeeping record."""
     import webdataset as wds
@@ -242,7 +237,7 @@ def write_shard(task: tuple[str, int, list[Item]]) -> dict:
         raise
     os.replace(tmp, final)
     record = {"shard": final.name, "split": split, "count": count, "planned": len(items), "bad": bad}
-    _atomic_write_json(output / STATE_DIR / f"{final.name}.json", record)
+    write_json(output / STATE_DIR / f"{final.name}.json", record)
     return record
 
 
@@ -329,15 +324,7 @@ def _fingerprint(plan: SourcePlan, args) -> dict:
 
 
 def _check_resume(output: Path, fingerprint: dict) -> None:
-    path = output / STATE_DIR / "plan.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if changed:
-            raise ConfigError(f"'{output}' holds shards written with other options (changed: {', '.join(changed)}); "
-                              "use another --output or delete it")
-    else:
-        _atomic_write_json(path, fingerprint)
+    check_resume_plan(output, output / STATE_DIR / "plan.json", fingerprint, "shards", "--output")
 
 
 def _encode_options(args) -> EncodeOptions:
@@ -356,7 +343,7 @@ def _finish(output: Path, shards: dict[str, list[str]], plan: SourcePlan, args, 
         pattern = f"{split}-{{000000..{len(names) - 1:06d}}}.tar" if len(names) > 1 else shard_name(split, 0)
         splits[split] = {"pattern": pattern, "shards": len(names), "count": sum(r["count"] for r in rs),
                          "planned": sum(r["planned"] for r in rs), "bad": sum(len(r["bad"]) for r in rs)}
-    _atomic_write_json(output / "sizes.json", {name: r["count"] for name, r in records.items()})
+    write_json(output / "sizes.json", {name: r["count"] for name, r in records.items()})
     manifest = {
         "bavq_version": __version__, "command": " ".join(["bavq-prep"] + argv),
         "source": {"kind": plan.kind, "input": plan.input, "streaming": bool(args.streaming)},
@@ -369,7 +356,7 @@ def _finish(output: Path, shards: dict[str, list[str]], plan: SourcePlan, args, 
         "classes": plan.classes, "splits": splits,
         "count": sum(s["count"] for s in splits.values()), "bad_count": len(bad), "bad": bad[:MAX_BAD_LISTED],
     }
-    _atomic_write_json(output / "manifest.json", manifest)
+    write_json(output / "manifest.json", manifest)
     return manifest
 
 

@@ -26,3 +26,14 @@ def tiny_run(tmp_path_factory):
     proc = run_cli(tiny_overrides(data, tmp / "out", "ba_vq", batch=8, steps=2) + ["--name=r"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "out" / "r"
+
+
+@pytest.fixture(scope="module")
+def lpips_file(tmp_path_factory):
+    """A random LPIPS weights file in our format (test_models.random_lpips_state)."""
+    from safetensors.torch import save_file
+    from test_models import random_lpips_state
+
+    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.safetensors"
+    save_file(random_lpips_state(), str(path))
+    return path

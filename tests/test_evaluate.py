@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from test_fid import SMALL_SIZE, direct_features, random_inception_state, scipy_fid
-from test_models import random_lpips_state
 from test_train import ROOT, make_image_folder, run_cli, tiny_overrides
 
 from bavq.data import build_eval_loader
@@ -88,15 +87,6 @@ def direct_reconstructions(run) -> tuple[torch.Tensor, torch.Tensor]:
 def inception_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(random_inception_state(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def lpips_file(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.safetensors"
-    save_file(random_lpips_state(), str(path))
     return path
 
 

@@ -229,15 +229,6 @@ def random_lpips_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.fixture(scope="module")
-def lpips_file(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.safetensors"
-    save_file(random_lpips_state(), str(path))
-    return path
-
-
 def test_lpips_file_round_trip(lpips_file):
     lpips = LPIPS.from_file(lpips_file)
     expected = random_lpips_state()

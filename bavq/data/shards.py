@@ -369,8 +369,9 @@ class ShardTrainStream:
             DecodeBatch(train_transform(self.cfg.data), self.batch_size, errors, seed, self.rank),
         ).with_epoch(math.ceil(self.batches_per_epoch / workers))
 
-    def iterate(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """Endless (B, C, H, W) batches in [-1, 1] for this rank; ``start_batch`` re-seeds the stream."""
+    def iterate(self, start_batch: int = 0, position: list[int] | None = None) -> Iterator[torch.Tensor]:
+        """Endless (B, C, H, W) batches in [-1, 1] for this rank; ``start_batch`` re-seeds the stream
+        (a stream has no position to continue from: ``position`` is ignored)."""
         workers = self.num_workers
         loader = DataLoader(self.pipeline(start_batch), batch_size=None, num_workers=workers,
                             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())

@@ -81,14 +81,25 @@ def train_main(argv: list[str] | None = None, prog: str = "bavq-train") -> int:
         return _finish(EXIT_PREEMPTED, str(exc), trainer, agreed=True)  # every rank agreed and saved
     except Exception as exc:  # noqa: BLE001 - a crash: keep the traceback, end with one line, tear down
         traceback.print_exc()
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        message = f"rank {dist.get_rank()} crashed: {type(exc).__name__}: {first}"
+        message = _crash_line(exc, trainer)
         print(f"{prog}: error: {message}; exit code {EXIT_CRASH} (the SLURM script requeues it; the next launch "
               "resumes from the last complete checkpoint)", file=sys.stderr, flush=True)
         return _finish(EXIT_CRASH, message, trainer, agreed=False)
     if final is not None and trainer.accelerator.is_main_process:
         print(format_metrics_table(final, trainer.run_dir))
     return _finish(0, "finished" if final is not None else "stopped at train.stop_at_step", trainer, agreed=True)
+
+
+def _crash_line(exc: BaseException, trainer) -> str:
+    """Name the rank that died when this one's collective failed because of it (heartbeats tell)."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    rank = dist.get_rank()
+    watchdog = getattr(trainer, "watchdog", None)
+    dead = watchdog.silent_ranks() if watchdog is not None and isinstance(exc, RuntimeError) else []
+    if dead:
+        return (f"rank {', '.join(map(str, dead))} died (no heartbeat); rank {rank} stopped because a collective "
+                f"failed: {type(exc).__name__}: {first}")
+    return f"rank {rank} crashed: {type(exc).__name__}: {first}"
 
 
 def _finish(code: int, reason: str, trainer, agreed: bool) -> int:

@@ -148,22 +148,24 @@ class Trainer:
         self._resume()
         self._plan_length()
         self._write_run_header()
-        self.preempt.install()  # until the very end: a signal during the final evaluation is honoured too
-        try:
-            self._loop()
-            if self._saved_step != self.state.step:  # not a folder name: an older damaged one may share it
-                self.save()  # the end of training (or of this job) is always resumable and exportable
-            if self.state.step < self.total_steps:  # train.stop_at_step ended this job early
-                self.logger.print(f"stopped at step {self.state.step} of {self.total_steps} (train.stop_at_step); "
-                                  "run the same command again to continue")
-                self.logger.close()
-                return None
-            try:
-                final = self.final_evaluation()
-            except EvalInterrupted:
-                self._handle_preemption()  # the final checkpoint exists: the requeued job re-runs the evaluation
-        finally:
+        # Installed until the very end, so a signal during the final evaluation is honoured too; and
+        # left installed when an exception escapes: the launcher's SIGTERM after a peer died must not
+        # cut short this rank's one-line report on its way out.
+        self.preempt.install()
+        self._loop()
+        if self._saved_step != self.state.step:  # not a folder name: an older damaged one may share it
+            self.save()  # the end of training (or of this job) is always resumable and exportable
+        if self.state.step < self.total_steps:  # train.stop_at_step ended this job early
             self.preempt.uninstall()
+            self.logger.print(f"stopped at step {self.state.step} of {self.total_steps} (train.stop_at_step); "
+                              "run the same command again to continue")
+            self.logger.close()
+            return None
+        try:
+            final = self.final_evaluation()
+        except EvalInterrupted:
+            self._handle_preemption()  # the final checkpoint exists: the requeued job re-runs the evaluation
+        self.preempt.uninstall()
         self.logger.close()
         return final
 

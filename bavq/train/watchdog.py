@@ -59,6 +59,20 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - the store may already be gone at teardown
                 pass
 
+    def silent_ranks(self, wait_s: float | None = None) -> list[int]:
+        """The other ranks whose heartbeat does not move within ``wait_s`` (default 2.5 beats) and that
+        did not exit cleanly: the dead ones. For the report after a failed collective (O(W) store reads)."""
+        if not self.heartbeat:
+            return []
+        others = [r for r in range(self.world) if r != self.rank]
+        try:
+            before = {r: self.store.add(self._key("beat", r), 0) for r in others}
+            time.sleep(2.5 * self.interval_s if wait_s is None else wait_s)
+            still = [r for r in others if self.store.add(self._key("beat", r), 0) == before[r]]
+            return [r for r in still if not self._peer_done(r)]
+        except Exception:  # noqa: BLE001 - the store went down with its host
+            return []
+
     def _key(self, kind: str, rank: int | None = None) -> str:
         return f"{self.prefix}/{kind}" + (f"/{rank}" if rank is not None else "")
 

@@ -161,7 +161,9 @@ def eval_main(argv: list[str] | None = None, prog: str = "bavq-eval") -> int:
         out = Path(args.out) if args.out else folder / "eval_metrics.json"
         summary = _run_eval(cfg, state, out.parent)
     except (ConfigError, FileNotFoundError) as exc:
-        return fail(prog, str(exc).splitlines()[0])
+        code = fail(prog, str(exc).splitlines()[0])
+        dist.shutdown(wait=False)  # never exit with a live process group (see dist.shutdown)
+        return code
     if summary is not None:  # main process
         hist = summary.pop("_histogram")
         out.parent.mkdir(parents=True, exist_ok=True)

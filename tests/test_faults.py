@@ -335,14 +335,14 @@ def damage(folder):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
 
-results = [launch(args + ["--max_steps=2"])]
+results = [launch(args)]
 for i in range(runs):
     latest = list_checkpoints(root)[-1]
     damage(latest)
     if i % 5 == 4:  # an explicit resume of the damaged one: refused (exit 2), also without an abort
-        results.append(launch(args + ["--max_steps=2", f"--resume={latest}"]))
-    else:  # auto: falls back to step 1, trains one step, saves step 2 again, evaluates, exits 0
-        results.append(launch(args + ["--max_steps=2"]))
+        results.append(launch(args + [f"--resume={latest}"]))
+    else:  # auto: falls back to step 1, trains one step, saves step 2 again, stops there (exit 0)
+        results.append(launch(args))
 print("RESULTS " + json.dumps(results), flush=True)
 '''
 
@@ -351,9 +351,9 @@ print("RESULTS " + json.dumps(results), flush=True)
 def test_twenty_fallbacks_from_damaged_checkpoints_end_without_an_abort(image_folder, tmp_path):
     script = tmp_path / "teardown.py"
     script.write_text(TEARDOWN)
-    args = tiny_overrides(image_folder, tmp_path, "vq_ema", batch=4, steps=2) + [
-        "--name=fb", "train.save_every=1", "eval.batch_size=16"]
-    args = [a for a in args if not a.startswith("--max_steps")]
+    # each run tiny: 1 step, 1 save, no final evaluation (stop_at_step), 2 ranks forked from one process
+    args = tiny_overrides(image_folder, tmp_path, "vq_ema", batch=4, steps=3) + [
+        "--name=fb", "train.save_every=1", "train.stop_at_step=2"]
     runs = 20
     proc = subprocess.run([sys.executable, str(script), json.dumps(args), str(tmp_path / "fb" / "checkpoints"),
                            str(runs)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)

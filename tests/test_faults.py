@@ -306,7 +306,8 @@ TEARDOWN = r'''
 import json, os, socket, sys
 from pathlib import Path
 
-import bavq.train.trainer  # noqa: F401 - import torch, accelerate, ... once, before forking
+import accelerate.checkpointing, safetensors.torch, yaml  # noqa: F401,E401 - import once, before forking:
+import bavq.data.sources, bavq.train.trainer  # noqa: F401,E401 - the runs should pay for the run, not imports
 from bavq.cli import train_main
 from bavq.train.checkpoint import list_checkpoints
 

@@ -158,7 +158,7 @@ exit "$FAKE_RC"
 """
 
 
-@pytest.mark.parametrize("status, rc, restarts, stale, code, needle, requeued", [
+@pytest.mark.parametrize("status, rc, crashes, stale, code, needle, requeued", [
     ("0 finished", 0, 0, False, 0, "training finished (finished)", False),
     ("75 preempted at step 3; checkpoint saved", 1, 0, False, 0, "preempted; checkpoint saved", False),
     ("2 config key 'data.root': /x does not exist", 1, 0, False, 2, "not requeued: the run stopped on a user error",
@@ -168,7 +168,7 @@ exit "$FAKE_RC"
     ("1 rank 1 died (no heartbeat)", 1, 3, False, 1, "not requeued again (BAVQ_MAX_CRASH_REQUEUES=3)", False),
     ("", 1, 0, True, 1, "training crashed (exit 1", True),  # a stale "0" of an earlier attempt is not believed
 ], ids=["finished", "preempted", "user-error", "killed", "crash-requeued", "crash-limit", "stale-status"])
-def test_sbatch_branches_on_the_exit_status(tmp_path, monkeypatch, status, rc, restarts, stale, code, needle,
+def test_sbatch_branches_on_the_exit_status(tmp_path, monkeypatch, status, rc, crashes, stale, code, needle,
                                             requeued):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -176,16 +176,20 @@ def test_sbatch_branches_on_the_exit_status(tmp_path, monkeypatch, status, rc, r
     (bin_dir / "accelerate").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     exit_file = tmp_path / "exit" / "status"
+    exit_file.parent.mkdir()
     if stale:
-        exit_file.parent.mkdir()
         exit_file.write_text("0 finished\n")
-    env = {**job_env(["n0"], job_id=77), "GPUS_PER_NODE": "1", "SLURM_RESTART_COUNT": str(restarts),
+    if crashes:  # earlier crash requeues of this job (preemptions, in SLURM_RESTART_COUNT, do not count)
+        Path(f"{exit_file}.crashes").write_text(f"{crashes}\n")
+    env = {**job_env(["n0"], job_id=77), "GPUS_PER_NODE": "1", "SLURM_RESTART_COUNT": "7",
            "BAVQ_EXIT_FILE": str(exit_file), "FAKE_STATUS": status, "FAKE_RC": str(rc),
            "BAVQ_OUTPUT_DIR": str(tmp_path / "runs")}
     run = run_script(TRAIN, env, ["n0"], cwd=ROOT, fakes=("scontrol", "srun"))
     assert run.returncode == code, run.output
     assert needle in run.output
     assert any(c.argv == ["requeue", "77"] for c in run.of("scontrol")) == requeued, run.output
+    if requeued:
+        assert Path(f"{exit_file}.crashes").read_text().strip() == str(crashes + 1)
 
 
 # ----------------------------------------------------------------------------- slow: real 2-rank runs

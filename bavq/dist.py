@@ -115,10 +115,17 @@ def shutdown(wait: bool = True) -> None:
     """Wait for every rank (``wait``), then tear the process group down. A process that exits with a
     live gloo group can abort in C++ teardown ("terminate called without an active exception") and
     make the launcher kill ranks that are still finishing; call this on every exit path (with
-    ``wait=False`` where the other ranks may not come: errors seen by one rank only)."""
+    ``wait=False`` where the other ranks may not come: errors seen by one rank only).
+
+    The abort: gloo's worker threads still hold AsyncWork objects with tensors; destroyed during
+    interpreter finalization they take the GIL of a dying interpreter (pytorch#190489). Without
+    ``wait``, only gloo groups are destroyed: NCCL's destroy aborts communicators, which can hang
+    while peers are stuck in collectives (torchtitan#1342), and NCCL has no such exit abort."""
     if is_initialized():
         if wait:
             barrier()
+        elif torch_dist.get_backend() != "gloo":
+            return
         torch_dist.destroy_process_group()
 
 

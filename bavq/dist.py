@@ -120,7 +120,7 @@ def shutdown(wait: bool = True) -> None:
     The abort: gloo's worker threads still hold AsyncWork objects with tensors; destroyed during
     interpreter finalization they take the GIL of a dying interpreter (pytorch#190489). Without
     ``wait``, only gloo groups are destroyed: NCCL's destroy aborts communicators, which can hang
-    while peers are stuck in collectives (torchtitan#1342), and NCCL has no such exit abort."""
+    while peers are stuck in collectives (torchtitan#1342); the exit abort was seen with gloo."""
     if is_initialized():
         if wait:
             barrier()

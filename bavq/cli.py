@@ -107,7 +107,9 @@ def _finish(code: int, reason: str, trainer, agreed: bool) -> int:
     crash leaves the heartbeat silent for the peers to notice), record the exit status for the
     scheduler (rank 0; any rank on a crash) and tear the process group down (after a barrier only
     when every rank takes the same exit; otherwise a rank would wait for peers that never come)."""
-    watchdog = getattr(trainer, "watchdog", None)
+    from bavq.train.watchdog import Watchdog
+
+    watchdog = getattr(trainer, "watchdog", None) or Watchdog.active  # also when Trainer() itself failed
     if watchdog is not None and code != EXIT_CRASH:
         watchdog.stop()
     if dist.launcher_rank() == 0 or code == EXIT_CRASH:

@@ -36,6 +36,8 @@ class Watchdog:
     """Parent watch and ring heartbeat for ``rank`` of ``world``. ``store`` is a c10d Store shared
     by the ranks (None: parent watch only); ``timeout_s`` <= 0 disables the heartbeat."""
 
+    active: "Watchdog | None" = None  # this process's started watchdog (the exit path stops it)
+
     def __init__(self, rank: int, world: int, store=None, prefix: str = "bavq/watchdog",
                  interval_s: float = 1.0, timeout_s: float = 60.0, watch_parent: bool = True):
         self.rank, self.world, self.store, self.prefix = rank, world, store, prefix
@@ -48,6 +50,7 @@ class Watchdog:
     def start(self) -> "Watchdog":
         if self.parent is not None or self.heartbeat:
             self._thread.start()
+            Watchdog.active = self
         return self
 
     def stop(self) -> None:

@@ -94,7 +94,9 @@ def _crash_line(exc: BaseException, trainer) -> str:
     """Name the rank that died when this one's collective failed because of it (heartbeats tell)."""
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     rank = dist.get_rank()
-    watchdog = getattr(trainer, "watchdog", None)
+    from bavq.train.watchdog import Watchdog
+
+    watchdog = getattr(trainer, "watchdog", None) or Watchdog.active
     dead = watchdog.silent_ranks() if watchdog is not None and isinstance(exc, RuntimeError) else []
     if dead:
         return (f"rank {', '.join(map(str, dead))} died (no heartbeat); rank {rank} stopped because a collective "

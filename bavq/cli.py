@@ -74,7 +74,7 @@ def train_main(argv: list[str] | None = None, prog: str = "bavq-train") -> int:
         trainer = Trainer(cfg)
         final = trainer.fit()
     except (ConfigError, LaunchError, FileNotFoundError, DataStreamError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = _one_line(exc)
         return _finish(fail(prog, message), message, trainer, agreed=False)
     except Preempted as exc:
         print(f"{prog}: {exc}; exiting with code {EXIT_PREEMPTED} so the job can be requeued", file=sys.stderr)
@@ -88,6 +88,14 @@ def train_main(argv: list[str] | None = None, prog: str = "bavq-train") -> int:
     if final is not None and trainer.accelerator.is_main_process:
         print(format_metrics_table(final, trainer.run_dir))
     return _finish(0, "finished" if final is not None else "stopped at train.stop_at_step", trainer, agreed=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line; for an error re-raised from a DataLoader worker, the original message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # torch's ExceptionWrapper: the real message is the last line
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _crash_line(exc: BaseException, trainer) -> str:

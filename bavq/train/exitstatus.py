@@ -31,6 +31,8 @@ def write_exit_status(code: int, reason: str) -> None:
     if path is None:
         return
     try:
+        if code == EXIT_CRASH and path.is_file() and path.read_text().split(" ", 1)[0] not in ("", str(EXIT_CRASH)):
+            return  # a peer's crash that followed a decided exit (e.g. rank 0's user error) must not hide it
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(f"{code} {' '.join(reason.split())}\n")

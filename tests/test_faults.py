@@ -151,6 +151,20 @@ def test_shards_deleted_and_truncated_mid_stream_are_skipped_and_counted(tmp_pat
     assert "s-000001.tar (unreadable shard skipped)" in caplog.text and "s-000002.tar" in caplog.text
 
 
+def test_exit_status_file_keeps_a_decided_code_over_a_later_crash(tmp_path, monkeypatch):
+    from bavq.train.exitstatus import write_exit_status
+
+    path = tmp_path / "status"
+    monkeypatch.setenv("BAVQ_EXIT_FILE", str(path))
+    write_exit_status(2, "config key 'x': bad")
+    write_exit_status(1, "rank 1 crashed: RuntimeError: Connection reset by peer")  # the peer of a user error
+    assert path.read_text() == "2 config key 'x': bad\n"
+    path.unlink()
+    write_exit_status(1, "rank 0 crashed")
+    write_exit_status(1, "rank 1 died (no heartbeat)")
+    assert path.read_text().startswith("1 rank 1 died")
+
+
 # ----------------------------------------------------------------------------- fast: the SLURM script's branches
 FAKE_ACCELERATE = """#!/bin/sh
 if [ -n "$FAKE_STATUS" ]; then printf '%s\\n' "$FAKE_STATUS" > "$BAVQ_EXIT_FILE"; fi

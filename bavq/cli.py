@@ -1,24 +1,28 @@
 """Command lines. Each entry point is a short story: parse, load config, run, report.
 
-User mistakes (bad flags, config keys, missing data or weight files) end with one line on stderr
-and exit code 2; a preempted run exits with code 75 after saving, so SLURM can requeue it.
+User mistakes (bad flags, config keys, missing data or weight files, a run folder in use) end with
+one line on stderr and exit code 2; a preempted run exits with code 75 after saving, so SLURM can
+requeue it; a crash exits with 1 after a traceback and one line naming the rank. The code also goes
+to ``$BAVQ_EXIT_FILE`` (see bavq.train.exitstatus), because launchers report every failure as 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from bavq import dist
 from bavq.config import QUANTIZERS, ConfigError, load_config
-
-EXIT_USAGE = 2
+from bavq.train.exitstatus import EXIT_CRASH, EXIT_USAGE, write_exit_status
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports an error in one line (plus a hint) instead of usage + error."""
 
     def error(self, message: str):
+        if dist.launcher_rank() == 0:
+            write_exit_status(EXIT_USAGE, message)
         line = f"{self.prog}: error: {message} (see {self.prog} --help)\n"
         self.exit(EXIT_USAGE, line if dist.prints_user_errors() else None)
 
@@ -66,23 +70,68 @@ def train_main(argv: list[str] | None = None, prog: str = "bavq-train") -> int:
     try:
         cfg = load_config(args.config, _train_overrides(args))
     except ConfigError as exc:
-        return fail(prog, str(exc))
+        return _finish(fail(prog, str(exc)), str(exc), None, agreed=True)
+    from bavq.data.shards import DataStreamError
     from bavq.train.backend import LaunchError
     from bavq.train.trainer import EXIT_PREEMPTED, Preempted, Trainer
 
+    trainer = None
     try:
         trainer = Trainer(cfg)
         final = trainer.fit()
-    except (ConfigError, LaunchError, FileNotFoundError) as exc:
-        return fail(prog, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except (ConfigError, LaunchError, FileNotFoundError, DataStreamError) as exc:
+        message = _one_line(exc)
+        return _finish(fail(prog, message), message, trainer, agreed=False)
     except Preempted as exc:
         print(f"{prog}: {exc}; exiting with code {EXIT_PREEMPTED} so the job can be requeued", file=sys.stderr)
-        dist.shutdown()  # every rank agreed on the preemption and saved
-        return EXIT_PREEMPTED
+        return _finish(EXIT_PREEMPTED, str(exc), trainer, agreed=True)  # every rank agreed and saved
+    except Exception as exc:  # noqa: BLE001 - a crash: keep the traceback, end with one line, tear down
+        traceback.print_exc()
+        message = _crash_line(exc, trainer)
+        print(f"{prog}: error: {message}; exit code {EXIT_CRASH} (the SLURM script requeues it; the next launch "
+              "resumes from the last complete checkpoint)", file=sys.stderr, flush=True)
+        return _finish(EXIT_CRASH, message, trainer, agreed=False)
     if final is not None and trainer.accelerator.is_main_process:
         print(format_metrics_table(final, trainer.run_dir))
-    dist.shutdown()
-    return 0
+    return _finish(0, "finished" if final is not None else "stopped at train.stop_at_step", trainer, agreed=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line; for an error re-raised from a DataLoader worker, the original message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # torch's ExceptionWrapper: the real message is the last line
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _crash_line(exc: BaseException, trainer) -> str:
+    """Name the rank that died when this one's collective failed because of it (heartbeats tell)."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    rank = dist.get_rank()
+    from bavq.train.watchdog import Watchdog
+
+    watchdog = getattr(trainer, "watchdog", None) or Watchdog.active
+    dead = watchdog.silent_ranks() if watchdog is not None and isinstance(exc, RuntimeError) else []
+    if dead:
+        return (f"rank {', '.join(map(str, dead))} died (no heartbeat); rank {rank} stopped because a collective "
+                f"failed: {type(exc).__name__}: {first}")
+    return f"rank {rank} crashed: {type(exc).__name__}: {first}"
+
+
+def _finish(code: int, reason: str, trainer, agreed: bool) -> int:
+    """Every exit of a training process: stop the watchdog (a clean exit is not a death: only a
+    crash leaves the heartbeat silent for the peers to notice), record the exit status for the
+    scheduler (rank 0; any rank on a crash) and tear the process group down (after a barrier only
+    when every rank takes the same exit; otherwise a rank would wait for peers that never come)."""
+    from bavq.train.watchdog import Watchdog
+
+    watchdog = getattr(trainer, "watchdog", None) or Watchdog.active  # also when Trainer() itself failed
+    if watchdog is not None and code != EXIT_CRASH:
+        watchdog.stop()
+    if dist.launcher_rank() == 0 or code == EXIT_CRASH:
+        write_exit_status(code, reason)
+    dist.shutdown(wait=agreed)
+    return code
 
 
 def format_metrics_table(final: dict, run_dir) -> str:
@@ -134,7 +183,9 @@ def eval_main(argv: list[str] | None = None, prog: str = "bavq-eval") -> int:
         out = Path(args.out) if args.out else tokenizer.source_dir / "eval_metrics.json"
         summary = _run_eval(tokenizer, out.parent)
     except (ConfigError, FileNotFoundError) as exc:
-        return fail(prog, str(exc).splitlines()[0])
+        code = fail(prog, str(exc).splitlines()[0])
+        dist.shutdown(wait=False)  # never exit with a live process group (see dist.shutdown)
+        return code
     if summary is not None:  # main process
         hist = summary.pop("_histogram")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,9 @@ class TrainConfig:
     resume: str = "auto"  # "auto" (latest if any), "none", or a checkpoint folder
     stop_at_step: int = 0  # end this job (checkpoint, exit 0) at this global step; a rerun resumes. 0 = off
     check_codebook_sync: bool = True  # compare a codebook checksum across ranks at each log step
+    collective_timeout_s: float = 300.0  # process-group timeout (s): the last-resort bound on a hung collective
+    heartbeat_timeout_s: float = 60.0  # a rank silent this long (s) is declared dead, all ranks stop; 0 = off
+    lock_wait_s: float = 15.0  # wait this long (s) for a live holder of the run folder's lock before refusing
     output_dir: str = "experiments"  # runs go to output_dir/name
     name: str = "run"  # run name
 
@@ -292,6 +295,9 @@ def validate(cfg: Config) -> Config:
         t.mixed_precision = "no"
     _one_of(t.mixed_precision, "train.mixed_precision", PRECISIONS)
     _one_of(t.backend, "train.backend", BACKENDS)
+    _check(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 (seconds)")
+    _check(t.heartbeat_timeout_s >= 0 and t.lock_wait_s >= 0, "train.heartbeat_timeout_s",
+           "heartbeat_timeout_s and lock_wait_s must be >= 0 (seconds)")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     for key in ("log_every",):
         _check(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")

@@ -185,12 +185,21 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
-def shutdown() -> None:
-    """Wait for every rank, then tear the process group down. A process that exits with a live gloo
-    group can abort in C++ teardown ("terminate called without an active exception") and make the
-    launcher kill ranks that are still finishing; call this at the end of every successful run."""
+def shutdown(wait: bool = True) -> None:
+    """Wait for every rank (``wait``), then tear the process group down. A process that exits with a
+    live gloo group can abort in C++ teardown ("terminate called without an active exception") and
+    make the launcher kill ranks that are still finishing; call this on every exit path (with
+    ``wait=False`` where the other ranks may not come: errors seen by one rank only).
+
+    The abort: gloo's worker threads still hold AsyncWork objects with tensors; destroyed during
+    interpreter finalization they take the GIL of a dying interpreter (pytorch#190489). Without
+    ``wait``, only gloo groups are destroyed: NCCL's destroy aborts communicators, which can hang
+    while peers are stuck in collectives (torchtitan#1342); the exit abort was seen with gloo."""
     if is_initialized():
-        barrier()
+        if wait:
+            barrier()
+        elif torch_dist.get_backend() != "gloo":
+            return
         torch_dist.destroy_process_group()
 
 
@@ -269,3 +278,16 @@ def slurm_requeue() -> tuple[bool, str]:
     if proc.returncode != 0:
         return False, f"scontrol requeue {job} failed: {proc.stderr.strip()}"
     return True, f"requeued SLURM job {job}"
+
+
+# ----------------------------------------------------------------------------- launcher store
+def default_store():
+    """The c10d store the process group was created with (torchrun's agent store), or None."""
+    if not is_initialized():
+        return None
+    return torch_dist.distributed_c10d._get_default_store()
+
+
+def launcher_restart_count() -> int:
+    """torchrun's restart counter (keys in the agent store outlive a worker-group restart)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)

@@ -162,7 +162,8 @@ def run_script(script: str | Path, env: Mapping[str, str], hosts: Sequence[str] 
         log = folder / "calls.jsonl"
         full = {"PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
                 "HOME": os.environ.get("HOME", tmp), "LANG": "C.UTF-8", "BAVQ_VENV": "",
-                "SLURM_SUBMIT_DIR": str(Path(cwd or os.getcwd()).resolve()), **env,
+                "SLURM_SUBMIT_DIR": str(Path(cwd or os.getcwd()).resolve()),
+                "BAVQ_EXIT_FILE": str(folder / "exit_status"), **env,  # a dry run writes nothing in the project
                 "BAVQ_DRYRUN_LOG": str(log), "BAVQ_DRYRUN_HOSTS": " ".join(hosts),
                 "BAVQ_DRYRUN_EXIT": str(exit_code)}
         proc = subprocess.run(["bash", str(script.resolve())], env=full, cwd=cwd, capture_output=True,

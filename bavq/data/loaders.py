@@ -5,7 +5,13 @@ epoch ``e`` permutes the n training items with ``torch.randperm(n, seed + e)`` (
 does not fill a global batch is dropped); global batch ``b`` is ``perm[b*W*B:(b+1)*W*B]`` and rank
 ``r`` takes its slice ``[r*B:(r+1)*B]``. So the ranks' batches concatenated are exactly the batch
 of one process with batch W*B, and ``iterate(s)`` computes (epoch, offset) from ``s`` instead of
-loading the skipped images. Random augmentations draw from a generator seeded with
+loading the skipped images.
+
+A resume continues from the saved *position* (epoch, offset into that epoch's permutation), not
+from a batch count, so it also holds when the world size (hence the global batch G) changed: the
+new run reads ``perm[offset:offset+G']``, ``perm[offset+G':offset+2G']``, ... and starts the next
+epoch when fewer than G' items are left. Within an epoch no item is repeated or lost except that
+dropped tail (fewer than G' items, as in any epoch). Random augmentations draw from a generator seeded with
 (seed, epoch, index), so they do not depend on ranks or workers either.
 Shards (``data.source=shards``) are delegated to :mod:`bavq.data.shards`.
 """
@@ -33,8 +39,9 @@ class TrainStream(Protocol):
     num_samples: int  # training set size
     skipped: int  # corrupt samples skipped so far
 
-    def iterate(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """Endless (B, C, H, W) float32 batches in [-1, 1] for this rank, from micro-batch start_batch."""
+    def iterate(self, start_batch: int = 0, position: list[int] | None = None) -> Iterator[torch.Tensor]:
+        """Endless (B, C, H, W) float32 batches in [-1, 1] for this rank, from micro-batch start_batch
+        (or from ``position`` where the stream supports it; then ``self.position`` tracks it)."""
         ...
 
 
@@ -92,21 +99,34 @@ def _collate_eval(items):
 
 
 # ----------------------------------------------------------------------------- map-style stream
-class _BatchIndices:
-    """Endless batch sampler: this rank's (epoch, index) lists from global batch ``start_batch`` on."""
+def normalize_position(position: list[int], num_samples: int, global_batch: int) -> list[int]:
+    """[epoch, offset] of the next global batch: the next epoch when fewer than G items are left."""
+    epoch, offset = position
+    return [epoch + 1, 0] if offset + global_batch > num_samples else [epoch, offset]
 
-    def __init__(self, stream: "MapTrainStream", start_batch: int):
-        self.stream, self.start_batch = stream, start_batch
+
+def advance_position(position: list[int], num_samples: int, global_batch: int) -> list[int]:
+    """The position after one global batch read at ``position``."""
+    epoch, offset = normalize_position(position, num_samples, global_batch)
+    return normalize_position([epoch, offset + global_batch], num_samples, global_batch)
+
+
+class _BatchIndices:
+    """Endless batch sampler: this rank's (epoch, index) lists from ``position`` = [epoch, offset] on."""
+
+    def __init__(self, stream: "MapTrainStream", position: list[int]):
+        self.stream, self.position = stream, position
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         s = self.stream
-        epoch, offset = divmod(self.start_batch, s.batches_per_epoch)
         global_batch = s.world_size * s.batch_size
+        epoch, offset = normalize_position(self.position, s.num_samples, global_batch)
         while True:
             perm = s.permutation(epoch)
-            for b in range(offset, s.batches_per_epoch):
-                start = b * global_batch + s.rank * s.batch_size
+            while offset + global_batch <= s.num_samples:
+                start = offset + s.rank * s.batch_size
                 yield [(epoch, i) for i in perm[start:start + s.batch_size].tolist()]
+                offset += global_batch
             epoch, offset = epoch + 1, 0
 
 
@@ -124,18 +144,28 @@ class MapTrainStream:
             raise ConfigError(f"config key 'train.batch_size': {self.num_samples} training images are fewer "
                               f"than one global batch ({world_size} x {self.batch_size})")
         self.skipped = 0
+        self.position: list[int] | None = None  # [epoch, offset] of the next global batch (set by iterate)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The order of epoch ``epoch``: the same on every rank."""
         return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
 
-    def iterate(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """Endless (B, C, H, W) batches for this rank, exactly those of iterate(0) after start_batch."""
+    def iterate(self, start_batch: int = 0, position: list[int] | None = None) -> Iterator[torch.Tensor]:
+        """Endless (B, C, H, W) batches for this rank, exactly those of iterate(0) after start_batch
+        global batches, or from a saved ``position`` (which survives a change of world size)."""
+        global_batch = self.world_size * self.batch_size
+        if position is None:  # a constant global batch: the position is a function of the batch count
+            epoch, batch = divmod(start_batch, self.batches_per_epoch)
+            position = [epoch, batch * global_batch]
+        position = normalize_position(list(position), self.num_samples, global_batch)
         loader = DataLoader(_TrainItems(self.split, self.transform, self.seed),
-                            batch_sampler=_BatchIndices(self, start_batch), num_workers=self.num_workers,
+                            batch_sampler=_BatchIndices(self, position), num_workers=self.num_workers,
                             collate_fn=_collate_train, pin_memory=torch.cuda.is_available())
         for images, skipped in loader:
             self.skipped += skipped
+            # before the yield: once next() returns, ``position`` is that of the batch after this one
+            position = advance_position(position, self.num_samples, global_batch)
+            self.position = position
             yield images
 
 

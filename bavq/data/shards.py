@@ -240,22 +240,42 @@ class ErrorCounter:
 
 
 class ReadShards:
-    """Stage: dict(url=...) -> samples; at most ``limits[url]`` samples per shard when given."""
+    """Stage: dict(url=...) -> samples; at most ``limits[url]`` samples per shard when given.
 
-    def __init__(self, errors: ErrorCounter, limits: dict[str, int] | None = None):
+    A shard that cannot be opened or read (deleted, truncated, unreachable mid-run) is skipped with a
+    warning and counted. With ``num_shards`` (the resampled training stream), more than
+    10·num_shards + 20 shard draws in a row without one readable sample means none is readable (the
+    chance that a readable one is never drawn is below e^-10): stop with one line."""
+
+    def __init__(self, errors: ErrorCounter, limits: dict[str, int] | None = None, num_shards: int | None = None):
         self.errors, self.limits = errors, limits
+        self.max_bad_in_a_row = 10 * num_shards + 20 if num_shards else None
+        self.bad_in_a_row = 0
 
     def samples(self, url: str) -> Iterator[dict]:
         limit = self.limits.get(url) if self.limits is not None else None
+        read = 0
         try:
             with open_url(url) as stream:
                 files = (dict(fname=name, data=data, __url__=url)
                          for name, data in iter_tar_members(stream) if not _is_meta(name))
-                yield from islice(group_by_keys(files, handler=self.errors), limit)
+                for sample in islice(group_by_keys(files, handler=self.errors), limit):
+                    read += 1
+                    self.bad_in_a_row = 0
+                    yield sample
         except DataStreamError:
             raise
         except Exception as exc:  # noqa: BLE001 - truncated tar, vanished file, broken pipe
-            self.errors(exc, f"in shard {url}")
+            self.errors(exc, f"in shard {url} (unreadable shard skipped)")
+            if read == 0:
+                self._bad_shard(url, exc)
+
+    def _bad_shard(self, url: str, exc: BaseException) -> None:
+        self.bad_in_a_row += 1
+        if self.max_bad_in_a_row is not None and self.bad_in_a_row > self.max_bad_in_a_row:
+            detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise DataStreamError(f"no training shard is readable ({self.bad_in_a_row} unreadable shard draws in a "
+                                  f"row, last {url}: {detail}); check data.train_shards with `bavq-prep verify`")
 
     def __call__(self, src):
         for item in src:
@@ -364,13 +384,14 @@ class ShardTrainStream:
             wds.ResampledShards(self.urls, seed=seed, worker_seed=_same_draws_everywhere, deterministic=True),
             partial(split_by_rank, rank=self.rank, world_size=self.world_size),
             wds.split_by_worker,
-            ReadShards(errors, self.limits),
+            ReadShards(errors, self.limits, num_shards=len(self.urls)),
             SeededShuffle(self.cfg.data.shuffle_buffer, seed, self.rank),
             DecodeBatch(train_transform(self.cfg.data), self.batch_size, errors, seed, self.rank),
         ).with_epoch(math.ceil(self.batches_per_epoch / workers))
 
-    def iterate(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """Endless (B, C, H, W) batches in [-1, 1] for this rank; ``start_batch`` re-seeds the stream."""
+    def iterate(self, start_batch: int = 0, position: list[int] | None = None) -> Iterator[torch.Tensor]:
+        """Endless (B, C, H, W) batches in [-1, 1] for this rank; ``start_batch`` re-seeds the stream
+        (a stream has no position to continue from: ``position`` is ignored)."""
         workers = self.num_workers
         loader = DataLoader(self.pipeline(start_batch), batch_size=None, num_workers=workers,
                             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
@@ -384,8 +405,8 @@ class ShardTrainStream:
                 self.skipped = base + sum(per_worker.values())
                 yield images
             if received == 0:
-                raise RuntimeError(f"no readable samples in {self.cfg.data.train_shards} "
-                                   f"({self.skipped} corrupt samples skipped)")
+                raise DataStreamError(f"no readable samples in {self.cfg.data.train_shards} "
+                                      f"({self.skipped} corrupt samples skipped); check them with `bavq-prep verify`")
 
 
 # ----------------------------------------------------------------------------- evaluation reader

@@ -41,7 +41,9 @@ def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = Non
     if dist.launched_by_distributed_launcher():
         # gloo on CPU: NCCL cannot run there, and without a CPU backend each rank would be alone.
         # (Only under a launcher: a backend without a process group fails in a plain process.)
-        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=30)))
+        # A bounded timeout (not torch's 30 min) so a hung peer ends the job while SLURM still has time.
+        timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout))
     if cfg.train.mixed_precision == "fp16" and cpu:
         raise LaunchError("train.mixed_precision=fp16 is not supported on CPU; use bf16 or no")
     kwargs = dict(

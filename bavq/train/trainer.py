@@ -23,11 +23,12 @@ from bavq.paths import removed_on_failure
 from bavq.quantizers import build_quantizer
 from bavq.train import checkpoint as ckpt
 from bavq.train.backend import make_accelerator
+from bavq.train.exitstatus import EXIT_PREEMPTED  # noqa: F401 - re-exported (the CLI imports it from here)
 from bavq.train.run_logger import RunLogger, choose_trackers
+from bavq.train.runlock import acquire_run_lock
 from bavq.train.schedule import lr_at, set_lr
-from bavq.train.state import PreemptionFlag, TrainState, tensor_checksum
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the SLURM script requeues on it
+from bavq.train.state import EvalInterrupted, PreemptionFlag, TrainState, interruptible, tensor_checksum
+from bavq.train.watchdog import Watchdog
 
 
 class Preempted(Exception):
@@ -50,12 +51,14 @@ class Trainer:
         trackers = choose_trackers(cfg.log.wandb, cfg.log.tensorboard, self._warn)
         self.accelerator = make_accelerator(cfg, str(self.run_dir), trackers)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self._guard_run()
         self._build_data()
         self._build_models()
         self.state = TrainState()
         for obj in (self.state,) + ((self.ema,) if self.ema is not None else ()):
             self.accelerator.register_for_checkpointing(obj)
         self.preempt = PreemptionFlag()
+        self._saved_step = None  # the step whose checkpoint is on disk and intact (saved or resumed from)
         self.logger = RunLogger(self.accelerator, self.run_dir, trackers, cfg.log.wandb_project,
                                 to_dict(cfg), cfg.train.name)
 
@@ -63,6 +66,16 @@ class Trainer:
     def _warn(self, msg: str) -> None:
         if dist.launcher_rank() == 0:
             print(msg, flush=True)
+
+    def _guard_run(self) -> None:
+        """One writer per run folder (rank 0's flock), and a watchdog that stops this rank when its
+        launcher or a peer rank dies (see bavq.train.watchdog for the bounds)."""
+        t = self.cfg.train
+        self.run_lock = acquire_run_lock(self.run_dir, t.lock_wait_s, self.accelerator.is_main_process)
+        self.watchdog = Watchdog(self.rank, self.world, dist.default_store(),
+                                 prefix=f"bavq/watchdog/{dist.launcher_restart_count()}",
+                                 timeout_s=t.heartbeat_timeout_s,
+                                 watch_parent=dist.launched_by_distributed_launcher()).start()
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -144,44 +157,68 @@ class Trainer:
     def fit(self) -> dict:
         """Resume if possible, train to ``total_steps``, evaluate, write the outputs."""
         self._resume()
+        self._plan_length()
         self._write_run_header()
+        # Installed until the very end, so a signal during the final evaluation is honoured too; and
+        # left installed when an exception escapes: the launcher's SIGTERM after a peer died must not
+        # cut short this rank's one-line report on its way out.
         self.preempt.install()
-        try:
-            self._loop()
-            last = ckpt.list_checkpoints(self.ckpt_root)
-            if not last or ckpt.checkpoint_step(last[-1]) != self.state.step:
-                self.save()  # the end of training (or of this job) is always resumable and exportable
-        finally:
-            self.preempt.uninstall()
+        self._loop()
+        if self._saved_step != self.state.step:  # not a folder name: an older damaged one may share it
+            self.save()  # the end of training (or of this job) is always resumable and exportable
         if self.state.step < self.total_steps:  # train.stop_at_step ended this job early
+            self.preempt.uninstall()
             self.logger.print(f"stopped at step {self.state.step} of {self.total_steps} (train.stop_at_step); "
                               "run the same command again to continue")
             self.logger.close()
             return None
-        final = self.final_evaluation()
+        try:
+            final = self.final_evaluation()
+        except EvalInterrupted:
+            self._handle_preemption()  # the final checkpoint exists: the requeued job re-runs the evaluation
+        self.preempt.uninstall()
         self.logger.close()
         return final
 
+    def _plan_length(self) -> None:
+        """Fix the run's length (samples) and lr schedule in its state when it starts; a resume keeps
+        them, on any world size: the remaining samples are split into steps of the current global batch."""
+        t, s = self.cfg.train, self.state
+        setting = f"max_steps={t.max_steps}" if t.max_steps > 0 else f"epochs={t.epochs}"
+        if s.total_samples and s.length_setting != setting:
+            self.logger.print(f"NOTE: training length changed ({s.length_setting} -> {setting}): re-planned at "
+                              f"step {s.step} with the current global batch")
+        if not s.total_samples or s.length_setting != setting:  # a new run, a changed length, or an old checkpoint
+            s.planned_steps, s.start_global_batch = self.total_steps, self.global_batch
+            s.total_samples, s.length_setting = self.total_steps * self.global_batch, setting
+        elif self.global_batch != s.start_global_batch:
+            self.logger.print(f"NOTE: global batch {self.global_batch} (world size {self.world}) differs from the "
+                              f"run's {s.start_global_batch}: keeping its {s.total_samples} samples and lr schedule")
+        self.total_steps = s.step + math.ceil(max(0, s.total_samples - s.samples_seen) / self.global_batch)
+
     def _loop(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        batches = self.stream.iterate(start_batch=self.state.step * cfg.train.grad_accum)
+        batches = self.stream.iterate(start_batch=self.state.step * cfg.train.grad_accum,
+                                      position=self.state.data_position)
         bar = self._progress_bar()
         t_last, samples_last = time.time(), self.state.samples_seen
         end = min(self.total_steps, cfg.train.stop_at_step or self.total_steps)
         while self.state.step < end:
             step = self.state.step
             t0 = time.time()
-            set_lr(self.opt_g, lr_at(step, self.total_steps, cfg.train.lr, cfg.train))
+            sched, planned = self.state.schedule_step(), self.state.planned_steps
+            set_lr(self.opt_g, lr_at(sched, planned, cfg.train.lr, cfg.train))
             micro = [next(batches).to(acc.device, dtype=self.input_dtype) for _ in range(cfg.train.grad_accum)]
             metrics, recons = self.generator_step(micro, step)
             if self.disc is not None and step >= cfg.loss.disc_start:
-                set_lr(self.opt_d, lr_at(step - cfg.loss.disc_start, self.total_steps - cfg.loss.disc_start,
+                set_lr(self.opt_d, lr_at(sched - cfg.loss.disc_start, planned - cfg.loss.disc_start,
                                          cfg.train.disc_lr, cfg.train))
                 metrics.update(self.discriminator_step(micro, recons, step))
             if self.ema is not None:
                 self.ema.update(self.unwrapped, step=step)
             self.state.step += 1
             self.state.samples_seen += self.global_batch
+            self.state.data_position = getattr(self.stream, "position", None)
             self.state.wall_seconds += time.time() - t0
             if bar is not None:
                 bar.update(1)
@@ -191,7 +228,10 @@ class Trainer:
                 self._log_training(metrics, rate, bar)
             if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0 \
                     and self.state.step < self.total_steps:
-                self.logger.log(self.state.step, {f"val/{k}": v for k, v in self.evaluate().items()})
+                try:
+                    self.logger.log(self.state.step, {f"val/{k}": v for k, v in self.evaluate().items()})
+                except EvalInterrupted:
+                    pass  # all ranks stopped evaluating; the preemption check below saves and exits
             if cfg.train.save_every and self.state.step % cfg.train.save_every == 0:
                 self.save()
             if dist.any_rank(self.preempt.requested):
@@ -313,7 +353,7 @@ class Trainer:
         DeepSpeed weights and fp32 images never meet, and every backend evaluates alike."""
         source = self.ema.module if self.ema is not None else self.unwrapped
         model = plain_generator(self.cfg, source.state_dict(), self.accelerator.device)
-        loader = build_eval_loader(self.cfg, self.rank, self.world)
+        loader = interruptible(build_eval_loader(self.cfg, self.rank, self.world), lambda: self.preempt.requested)
         return model, evaluate_model(model, loader, self.cfg, self.accelerator.device)
 
     def evaluate(self) -> dict:
@@ -337,6 +377,7 @@ class Trainer:
         path = ckpt.save_checkpoint(self.accelerator, self.ckpt_root, self.state.step, self.cfg,
                                     t.keep_last, t.keep_every)
         self.logger.print(f"saved checkpoint {path}")
+        self._saved_step = self.state.step
         return path
 
     def _resume(self) -> None:
@@ -352,6 +393,7 @@ class Trainer:
         for note in ckpt.check_resume_compatible(self.cfg, path):
             self.logger.print(f"NOTE: resuming with a changed setting: {note}")
         self.accelerator.load_state(str(path))
+        self._saved_step = self.state.step
         self.logger.print(f"resumed from {path} at step {self.state.step} ({self.state.samples_seen} samples)")
 
     def _archive_previous_outputs(self) -> None:
@@ -367,8 +409,12 @@ class Trainer:
                 self.logger.print(f"NOTE: starting over; kept the earlier {name} as {name}.previous-{stamp}")
 
     def _handle_preemption(self) -> None:
-        self.logger.print(f"preemption signal ({self.preempt.signal_name or 'on another rank'}): saving")
-        self.save()
+        if self._saved_step == self.state.step:  # saved just now: do not write it twice
+            self.logger.print(f"preemption signal ({self.preempt.signal_name or 'on another rank'}): "
+                              f"checkpoint of step {self.state.step} already saved")
+        else:
+            self.logger.print(f"preemption signal ({self.preempt.signal_name or 'on another rank'}): saving")
+            self.save()
         if self.accelerator.is_main_process:  # launchers turn our exit code 75 into 1: leave a marker too
             (self.run_dir / "PREEMPTED").write_text(f"{self.state.step}\n")
         if self.accelerator.is_main_process and dist.under_slurm():

@@ -234,7 +234,7 @@ def test_array_tasks_write_disjoint_shards_that_together_are_complete(tmp_path):
     seen: list[set[str]] = []
     for task in range(3):
         env = {**array_task_env(task, 2), "PREP_INPUT": str(src), "PREP_OUTPUT": str(out),
-               "PREP_ARGS": "--samples_per_shard 2 --workers 0 --no-progress"}
+               "PREP_ARGS": "--samples_per_shard 2 --workers 0 --no-progress --val_fraction 0"}
         (call,) = run_script(PREP, env, cwd=ROOT).of("bavq-prep")
         before = set(p.name for p in out.glob("*.tar"))
         assert prep.main(call.argv[1:]) == 0

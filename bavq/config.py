@@ -42,7 +42,9 @@ class QuantizerConfig:
     commitment: float = 0.25  # weight of the commitment loss mean ||z - sg(e)||^2
     chunk_size: int = 8192  # most rows per distance chunk (also capped by chunk_budget_mib)
     chunk_budget_mib: int = 128  # memory budget of one (chunk x K) fp32 matrix, in MiB
-    init: str = "random"  # "random" (Gaussian codes) or "data" (codes from the first global batch)
+    # "random" (Gaussian codes) or "data" (codes from the first global batch; when K exceeds its
+    # rows, repeated draws get noise of 0.1 x the data's per-dimension std, so codes are distinct)
+    init: str = "random"
     dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this; 0 = off
     l2_normalize: bool = False  # put inputs and codes on the unit sphere before quantizing
     # BA-VQ only:

@@ -352,3 +352,25 @@ def sample_global_rows(local: Tensor, count: int, generator: torch.Generator) ->
     picked = local.new_zeros(count, local.shape[1])
     picked[mine] = local[chosen[mine] - offset]
     return dist.all_reduce_sum(picked)
+
+
+@torch.no_grad()
+def jitter_duplicates(codes: Tensor, generator: torch.Generator, scale: float = 0.1) -> Tensor:
+    """``codes`` with every repeated row after its first copy moved by Gaussian noise.
+
+    Data init draws K rows of the global batch with replacement when it holds fewer than K rows
+    (K = 16,384 vs 64 x 49 = 3,136 tokens): identical codes then split the same data forever and
+    capped usage near 25%. The noise has ``scale`` times the per-dimension std of the drawn rows
+    (a small fraction of the data's spread) and comes from the shared generator, so every rank
+    gets the same codebook; the first copy of each row stays an exact data vector.
+    """
+    num, dim = codes.shape
+    _, inverse = torch.unique(codes, dim=0, return_inverse=True)
+    positions = torch.arange(num, device=codes.device)
+    first = torch.full((int(inverse.max()) + 1,), num, device=codes.device, dtype=positions.dtype)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    repeated = positions != first[inverse]
+    noise = torch.randn(num, dim, generator=generator).to(codes.device)  # drawn in full: rank-independent
+    std = codes.std(0) if num > 1 else codes.new_zeros(dim)
+    std = torch.where(std > 0, std, codes.abs().mean().clamp_min(1e-3).expand(dim))
+    return torch.where(repeated[:, None], codes + scale * std * noise, codes)

@@ -152,14 +152,16 @@ class BAVQ(Quantizer):
         """The coldest beta at which every code still receives posterior mass: anneal_start_nats / spread.
 
         A code whose log-odds against every row's best code is below ~-80 gets exactly zero mass in
-        fp32 and never moves (DESIGN.md, "What the first grid showed"). The spread is measured:
-        the largest gap max_k min_x [d(x,k) - min_j d(x,j)] over the global batch (how far the farthest
-        code is from being anyone's nearest), or D_hat when that is larger (a spread-out codebook has
-        gaps near 0); at this beta the farthest code is within anneal_start_nats of the best code of
-        some row. Random codes start far away, so beta_0 is very hot; as the codes move in, the gap
-        shrinks and this floor lets beta follow them instead of wasting steps above the data's scale.
+        fp32 and never moves (DESIGN.md, "What the first grid showed"). The spread is measured on the
+        global batch: the largest gap max_k min_x [d(x,k) - min_j d(x,j)] (how far the farthest code
+        is from being anyone's nearest); once every code is near the data (gaps near 0) it is the
+        smaller of D_hat (beta D_hat = anneal_start_nats, the study's hot start) and the critical
+        spread 2 lambda_max(Cov x) (hotter than that all codes merge at the centroid: Rose's
+        deterministic annealing, so a collapsed codebook starts splitting right away). Random codes
+        start far away, so beta_0 is very hot; as they move in the gap shrinks and this floor lets
+        beta follow them instead of wasting steps above the data's scale.
         """
-        return self.anneal_start_nats / max(largest_gap, float(self.d_hat), 1e-20)
+        return self.anneal_start_nats / max(largest_gap, min(float(self.d_hat), critical), 1e-20)
 
     def _anneal_next(self, largest_gap: float, critical: float) -> float:
         """beta of the next step: cool by at most anneal_rate (1 - decay) per step (slower than the EMA's

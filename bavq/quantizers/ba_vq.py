@@ -143,7 +143,7 @@ class BAVQ(Quantizer):
         """Anneal mode's hot start, from the first GLOBAL batch (collective, once): D_hat and
         beta_0 = anneal_start_nats / spread (see :meth:`_reach_beta`)."""
         gaps, min_dist = _ops.code_gaps(x, self.codebook, self.rows_per_chunk)
-        largest_gap = dist.all_reduce_max(gaps.max().reshape(1))
+        largest_gap = dist.all_reduce_max(gaps.neg()).neg().max()  # a code's gap is its min over ranks
         totals = dist.all_reduce_sum(torch.cat([min_dist.sum().reshape(1), _moments(x)]))
         self.d_hat.fill_(float(totals[0] / totals[1].clamp_min(1.0)))
         self.beta.fill_(self._reach_beta(float(largest_gap), _critical_spread(totals[1:], self.code_dim)))

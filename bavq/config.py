@@ -42,11 +42,15 @@ class QuantizerConfig:
     commitment: float = 0.25  # weight of the commitment loss mean ||z - sg(e)||^2
     chunk_size: int = 8192  # most rows per distance chunk (also capped by chunk_budget_mib)
     chunk_budget_mib: int = 128  # memory budget of one (chunk x K) fp32 matrix, in MiB
-    init: str = "random"  # "random" (Gaussian codes) or "data" (codes from the first global batch)
+    # "random" (Gaussian codes) or "data" (codes from the first global batch; when K exceeds its
+    # rows, repeated draws get noise of 0.1 x the data's per-dimension std, so codes are distinct)
+    init: str = "random"
     dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this; 0 = off
     l2_normalize: bool = False  # put inputs and codes on the unit sphere before quantizing
     # BA-VQ only:
-    beta_mode: str = "adaptive"  # "fixed" (beta_start -> beta_end) or "adaptive" (c*D / 2*D_hat)
+    # "anneal" (hot start measured on the first batch, slow cooling to a hard end), "fixed"
+    # (beta_start -> beta_end) or "adaptive" (c*D / 2*D_hat)
+    beta_mode: str = "anneal"
     beta_start: float = 1.0  # fixed mode: inverse temperature at step 0
     beta_end: float = 100.0  # fixed mode: inverse temperature after beta_anneal_steps (geometric)
     beta_anneal_steps: int = 10000  # steps of the geometric anneal (of beta or of c)
@@ -57,6 +61,12 @@ class QuantizerConfig:
     prior_floor: float = 0.1  # alpha: the prior mixes in alpha/K of the uniform distribution
     assign: str = "nearest"  # hard code: "nearest" (argmin distance) or "map" (argmax posterior)
     entropy_loss_weight: float = 0.0  # weight of the (mean H(p|x) - H(mean p)) loss; 0 = off
+    anneal_start_nats: float = 1.0  # anneal mode: beta_0 * (largest code gap or mean min distance of batch 1)
+    anneal_end_nats: float = 32.0  # anneal mode: cold end, beta * D_hat (D_hat = EMA of mean min distance)
+    anneal_rate: float = 0.5  # anneal mode: beta grows by at most anneal_rate * (1 - decay) per step, in (0, 1]
+    estep: str = "softmax"  # "softmax" (p ~ q^(1-lambda) exp(-beta d)) or "balanced" (Sinkhorn, columns n*r)
+    balance_iters: int = 3  # balanced E-step: log-domain Sinkhorn iterations per step
+    balance_target: str = "uniform"  # balanced E-step: column marginal r, "uniform" (1/K) or "prior" (q)
 
 
 @dataclass
@@ -234,7 +244,7 @@ def validate(cfg: Config) -> Config:
     _check(q.chunk_budget_mib > 0, "quantizer.chunk_budget_mib", f"must be > 0, got {q.chunk_budget_mib}")
     _one_of(q.init, "quantizer.init", ("random", "data"))
     _check(q.dead_code_threshold >= 0, "quantizer.dead_code_threshold", "must be >= 0")
-    _one_of(q.beta_mode, "quantizer.beta_mode", ("fixed", "adaptive"))
+    _one_of(q.beta_mode, "quantizer.beta_mode", ("anneal", "adaptive", "fixed"))
     for key in ("beta_start", "beta_end", "adaptive_c_start", "adaptive_c_end"):
         _check(getattr(q, key) > 0, f"quantizer.{key}", f"must be > 0, got {getattr(q, key)}")
     _check(q.beta_anneal_steps >= 0, "quantizer.beta_anneal_steps", "must be >= 0")
@@ -243,6 +253,13 @@ def validate(cfg: Config) -> Config:
     _check(q.prior_floor > 0, "quantizer.prior_floor", f"must be > 0, got {q.prior_floor}")
     _one_of(q.assign, "quantizer.assign", ("nearest", "map"))
     _check(q.entropy_loss_weight >= 0, "quantizer.entropy_loss_weight", "must be >= 0")
+    _check(q.anneal_start_nats > 0, "quantizer.anneal_start_nats", f"must be > 0, got {q.anneal_start_nats}")
+    _check(q.anneal_end_nats > q.anneal_start_nats, "quantizer.anneal_end_nats",
+           f"must be > quantizer.anneal_start_nats ({q.anneal_start_nats}), got {q.anneal_end_nats}")
+    _check(0 < q.anneal_rate <= 1, "quantizer.anneal_rate", f"must be in (0, 1], got {q.anneal_rate}")
+    _one_of(q.estep, "quantizer.estep", ("softmax", "balanced"))
+    _check(q.balance_iters >= 1, "quantizer.balance_iters", f"must be >= 1, got {q.balance_iters}")
+    _one_of(q.balance_target, "quantizer.balance_target", ("uniform", "prior"))
 
     _one_of(m.arch, "model.arch", ARCHS)
     _check(m.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {m.in_channels}")

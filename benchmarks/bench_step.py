@@ -56,10 +56,13 @@ SCALARS = {"vq_ema": 2, "ba_vq": 5}
 def stats_numel(quantizer: str, num_codes: int, code_dim: int) -> int:
     """Length of the flat fp32 buffer the quantizer all-reduces once per step.
 
-    VQ-EMA: [n_k (K) | s_k (K*D) | 2 scalars]; BA-VQ: [S (K) | M^b (K*D) | hard counts (K) | 5 scalars].
+    VQ-EMA: [n_k (K) | s_k (K*D) | 2 scalars]; BA-VQ (default anneal beta): [S (K) | M^b (K*D) |
+    hard counts (K) | reached (K) | n, sum x (D), sum x x^T (D*D) | 5 scalars].
     """
-    hard_counts = num_codes if quantizer == "ba_vq" else 0
-    return num_codes * (code_dim + 1) + hard_counts + SCALARS[quantizer]
+    if quantizer != "ba_vq":
+        return num_codes * (code_dim + 1) + SCALARS[quantizer]
+    moments = 1 + code_dim + code_dim * code_dim
+    return num_codes * (code_dim + 3) + moments + SCALARS[quantizer]
 
 
 def make_config(model: str, quantizer: str, num_codes: int, code_dim: int, extra: list[str] = ()) -> Config:

@@ -19,6 +19,9 @@ CASES = {
     "vq_ema_restart": ("vq_ema", {"dead_code_threshold": 1.0}),
     "ba_vq": ("ba_vq", {}),
     "ba_vq_deferred": ("ba_vq", {"deferred": True}),
+    "ba_vq_balanced": ("ba_vq", {"estep": "balanced", "balance_iters": 3}),  # anneal beta (default)
+    "ba_vq_balanced_prior_map": ("ba_vq", {"estep": "balanced", "balance_target": "prior", "assign": "map",
+                                           "entropy_weight": 2.0, "beta_mode": "fixed"}),
     "ba_vq_map_init_restart": ("ba_vq", {"beta_mode": "fixed", "entropy_weight": 2.0, "assign": "map",
                                          "init": "data", "dead_code_threshold": 0.95}),
 }

@@ -297,10 +297,14 @@ def test_data_init_takes_codes_from_the_batch(kind, num_rows):
     q.auto_update = False
     z = torch.randn(num_rows, D)
     q(z)
-    assert bool(q.initialized) and _is_row_of(q.codebook, z).all()
+    assert bool(q.initialized)
     assert torch.equal(q.ema_sum, q.codebook) and torch.equal(q.ema_count, torch.ones(K))
+    assert torch.unique(q.codebook, dim=0).shape[0] == K  # distinct even when K > rows
+    from_data = _is_row_of(q.codebook, z)
     if num_rows >= K:
-        assert torch.unique(q.codebook, dim=0).shape[0] == K
+        assert from_data.all()
+    else:  # drawn with replacement: first copies are data rows, repeats are jittered copies
+        assert 0 < int(from_data.sum()) <= num_rows and not from_data.all()
 
 
 @pytest.mark.parametrize("kind", ["vq_ema", "ba_vq"])

@@ -30,6 +30,8 @@ def build_quantizer(cfg: QuantizerConfig, *, seed: int = 0, usage_window: int = 
             adaptive_c_start=cfg.adaptive_c_start, adaptive_c_end=cfg.adaptive_c_end,
             max_beta_growth=cfg.max_beta_growth, entropy_weight=cfg.entropy_weight,
             prior_floor=cfg.prior_floor, assign=cfg.assign, entropy_loss_weight=cfg.entropy_loss_weight,
-            **common,
+            anneal_start_nats=cfg.anneal_start_nats, anneal_end_nats=cfg.anneal_end_nats,
+            anneal_rate=cfg.anneal_rate, estep=cfg.estep, balance_iters=cfg.balance_iters,
+            balance_target=cfg.balance_target, **common,
         )
     raise ConfigError(f"config key 'quantizer.name': '{cfg.name}' is not one of vq_ema, ba_vq")

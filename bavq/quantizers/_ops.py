@@ -11,6 +11,7 @@ row constant it is left out of the (chunk x K) matrix and added to the per-row r
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,28 @@ def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tenso
 
 
 @torch.no_grad()
+def code_gaps(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """How far each code is from being anyone's nearest: (gap (K,), min distance (N,)).
+
+    gap_k = min_x [d(x,k) - min_j d(x,j)] over the rows of x (0 for a code that is some row's
+    nearest); the column piece (running max of the negated gaps) over chunks, never N x K at once.
+    """
+    n, num_codes = x.shape[0], codebook.shape[0]
+    sq_codes = codebook.square().sum(1)
+    neg_gap = x.new_full((num_codes,), -math.inf)
+    min_dist = torch.empty(n, dtype=x.dtype, device=x.device)
+    work = x.new_empty(max(min(rows, n), 1), num_codes)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        d = work[: stop - start]
+        torch.addmm(sq_codes, x[start:stop], codebook.t(), alpha=-2.0, out=d)  # d - ||x||^2
+        d_min = d.amin(1)
+        min_dist[start:stop] = d_min
+        _column_max_(neg_gap, d.sub_(d_min[:, None]).neg_())
+    return neg_gap.neg_().clamp_(min=0.0), min_dist.add_(x.square().sum(1)).clamp_(min=0.0)
+
+
+@torch.no_grad()
 def best_scores(x: Tensor, codebook: Tensor, bias: Tensor, scale: float, rows: int) -> Tensor:
     """argmax_k (bias_k + scale * x . e_k) for each row of x, chunked; (N,) int64."""
     n, num_codes = x.shape[0], codebook.shape[0]
@@ -115,6 +138,24 @@ class SoftStats:
     hard_dist: Tensor  # (N,) d(x, index(x))
     entropy: Tensor  # (N,) H(p(.|x)) in nats
     soft_dist: Tensor  # (N,) sum_k p(k|x) d(x, k)
+    reached: Tensor  # (K,) 1.0 where some row gives code k log-odds above LOG_P_FLOOR, else 0.0
+
+
+def _row_softmax_(a: Tensor, a_max: Tensor, u: Tensor) -> Tensor:
+    """The row piece shared by every E-step: a (n, K) logits, a_max their row maxima.
+
+    In place: a <- b = a - a_max (unclamped, in (-inf, 0]); u <- exp(max(b, LOG_P_FLOOR)), the
+    unnormalized p whose row max is exp(0) = 1. Returns norm = sum_k u (>= 1), so the row
+    log-sum-exp is a_max + log(norm) and p = u / norm.
+    """
+    a.sub_(a_max[:, None])
+    torch.clamp(a, min=LOG_P_FLOOR, out=u)
+    return u.exp_().sum(1)
+
+
+def _column_max_(col_max: Tensor, w: Tensor) -> None:
+    """The column piece: running max over row chunks of w (n, K), into col_max (K,)."""
+    torch.maximum(col_max, w.amax(0), out=col_max)
 
 
 @torch.no_grad()
@@ -122,10 +163,13 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
                 nearest: bool) -> SoftStats:
     """BA E-step over rows of x (N, D): a(x,k) = log_weight_k - beta d(x,k), p = softmax_k a.
 
-    ``log_weight`` is (1 - lambda) log q, or None when it is identically 0 (lambda = 1): then
-    a' = -beta (d - ||x||^2) comes straight out of one addmm and argmax a' is the nearest code.
-    The -beta ||x||^2 row constant is dropped (softmax is shift invariant). The softmax is done in
-    the log domain (max shift), so rows never underflow to NaN at K = 16,384.
+    ``log_weight`` is (1 - lambda) log q (plus the Sinkhorn column potentials v in the balanced
+    E-step), or None when it is identically 0 (lambda = 1): then a' = -beta (d - ||x||^2) comes
+    straight out of one addmm and argmax a' is the nearest code. The -beta ||x||^2 row constant is
+    dropped (softmax is shift invariant). The softmax is done in the log domain (max shift), so rows
+    never underflow to NaN at K = 16,384. ``reached`` flags the codes whose best log-odds over these
+    rows, max_x (a(x,k) - max_j a(x,j)), is above LOG_P_FLOOR: the others get zero mass in fp32 (up
+    to the floor) and cannot move; a column max per chunk detects them exactly.
     """
     n, dim = x.shape
     num_codes = codebook.shape[0]
@@ -134,6 +178,7 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
     out = {name: x.new_empty(n) for name in ("min_dist", "hard_dist", "entropy", "soft_dist")}
     indices = torch.empty(n, dtype=torch.int64, device=x.device)
     sums_t = x.new_zeros(dim + 1, num_codes)  # rows 0..D-1: M^b transposed; row D: S
+    best_b = x.new_full((num_codes,), -math.inf)
     scores = x.new_empty(min(rows, n), num_codes)
     probs = torch.empty_like(scores)
     fused_bias = -beta * sq_codes if log_weight is None else None
@@ -158,11 +203,11 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
             else:
                 indices[start:stop] = a_arg
                 out["hard_dist"][start:stop] = u.gather(1, a_arg[:, None]).squeeze(1)
-        a.sub_(a_max[:, None]).clamp_(min=LOG_P_FLOOR)  # b = a' - max a' in [floor, 0]
-        torch.exp(a, out=u)  # unnormalized p; the row max contributes exp(0) = 1, so sum >= 1
-        norm = u.sum(1)
+        norm = _row_softmax_(a, a_max, u)  # a <- b = a' - max a' (<= 0); u <- exp(b), floored
+        _column_max_(best_b, a)
         # sum_k p_k b_k, multiplying b in place (it is not read again): an in-place mul + sum takes
-        # about half the time of the bmm row dot on a 2048 x 16384 chunk (benchmarks/bench_kernel.py)
+        # about half the time of the bmm row dot on a 2048 x 16384 chunk (benchmarks/bench_kernel.py).
+        # Entries below the floor contribute e^-80 * b instead of e^b * b: both vanish in fp32.
         mean_b = a.mul_(u).sum(1).div_(norm)
         out["entropy"][start:stop] = norm.log() - mean_b  # H = log norm - sum_k p_k b_k
         mean_a = mean_b + a_max  # sum_k p_k a'_k
@@ -175,7 +220,57 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
     out["min_dist"].clamp_(min=0.0)
     out["hard_dist"].clamp_(min=0.0)
     return SoftStats(indices=indices, soft_counts=sums_t[dim].clone(), soft_sums=sums_t[:dim].t().clone(),
-                     **out)
+                     reached=(best_b > LOG_P_FLOOR).to(x.dtype), **out)
+
+
+@torch.no_grad()
+def balance_potentials(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: float, rows: int,
+                       log_ratio: Tensor, iters: int) -> Tensor:
+    """Column potentials v (K,) of the balanced E-step p(k|x) = exp(a(x,k) + u_x + v_k).
+
+    Log-domain Sinkhorn: each iteration is one chunked pass that takes the row potentials
+    u_x = -logsumexp_k(a + v) (the row piece of :func:`soft_assign`) and accumulates the column
+    log-sum-exp L_k = logsumexp_x(a + v + u) over the GLOBAL batch: a running (max, sum of exp) per
+    column over chunks, then all-reduce max and all-reduce sum of K values, so R ranks give the v of
+    one process. Then v <- v + log(n r_k) - L, i.e. v = log(n r_k) - logsumexp_x(a + u), where
+    ``log_ratio`` is log r_k (sum_k r_k = 1) and log n = logsumexp_k L_k (every row sums to 1, so
+    the columns sum to the global row count: no extra collective). The final E-step is
+    ``soft_assign(x, codebook, log_weight + v, ...)``: its rows sum to 1 and its columns to n r_k
+    up to the last iteration's residual. Never holds more than two (chunk x K) buffers.
+    """
+    n, num_codes = x.shape[0], codebook.shape[0]
+    sq_codes = codebook.square().sum(1)
+    base = x.new_zeros(num_codes) if log_weight is None else log_weight
+    v = torch.zeros_like(base)
+    scores = x.new_empty(max(min(rows, n), 1), num_codes)
+    probs = torch.empty_like(scores)
+    for _ in range(iters):
+        bias = (base + v).sub_(beta * sq_codes)
+        col_max = x.new_full((num_codes,), -math.inf)
+        col_sum = x.new_zeros(num_codes)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            a, u = scores[: stop - start], probs[: stop - start]
+            torch.addmm(bias, x[start:stop], codebook.t(), alpha=2.0 * beta, out=a)  # a + v (row consts dropped)
+            norm = _row_softmax_(a, a.amax(1), u)
+            a.sub_(norm.log_()[:, None])  # w = a + v + u = log p(k|x) under the current v, unclamped
+            new_max = torch.maximum(col_max, a.amax(0))
+            col_sum.mul_((col_max - new_max).exp_())
+            a.sub_(new_max).clamp_(min=LOG_P_FLOOR).exp_()
+            col_sum.add_(a.sum(0))
+            col_max = new_max
+        col_lse = _global_lse(col_max, col_sum)
+        v.add_(log_ratio + torch.logsumexp(col_lse, 0) - col_lse)
+    return v
+
+
+def _global_lse(local_max: Tensor, local_sum: Tensor) -> Tensor:
+    """log sum over ranks of local_sum * exp(local_max): all-reduce max, then sum of rescaled exp."""
+    global_max = dist.all_reduce_max(local_max.clone())
+    # A rank with no rows has max -inf and sum 0: its term is 0, never NaN.
+    scale = torch.where(torch.isfinite(local_max), (local_max - global_max).exp(), torch.zeros_like(local_max))
+    total = dist.all_reduce_sum(local_sum * scale)
+    return global_max + total.log()
 
 
 def _entropy_loss_grad(x: Tensor, codebook: Tensor, log_weight: Tensor, beta: float, log_mean_p: Tensor,
@@ -259,3 +354,25 @@ def sample_global_rows(local: Tensor, count: int, generator: torch.Generator) ->
     picked = local.new_zeros(count, local.shape[1])
     picked[mine] = local[chosen[mine] - offset]
     return dist.all_reduce_sum(picked)
+
+
+@torch.no_grad()
+def jitter_duplicates(codes: Tensor, generator: torch.Generator, scale: float = 0.1) -> Tensor:
+    """``codes`` with every repeated row after its first copy moved by Gaussian noise.
+
+    Data init draws K rows of the global batch with replacement when it holds fewer than K rows
+    (K = 16,384 vs 64 x 49 = 3,136 tokens): identical codes then split the same data forever and
+    capped usage near 25%. The noise has ``scale`` times the per-dimension std of the drawn rows
+    (a small fraction of the data's spread) and comes from the shared generator, so every rank
+    gets the same codebook; the first copy of each row stays an exact data vector.
+    """
+    num, dim = codes.shape
+    _, inverse = torch.unique(codes, dim=0, return_inverse=True)
+    positions = torch.arange(num, device=codes.device)
+    first = torch.full((int(inverse.max()) + 1,), num, device=codes.device, dtype=positions.dtype)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    repeated = positions != first[inverse]
+    noise = torch.randn(num, dim, generator=generator).to(codes.device)  # drawn in full: rank-independent
+    std = codes.std(0) if num > 1 else codes.new_zeros(dim)
+    std = torch.where(std > 0, std, codes.abs().mean().clamp_min(1e-3).expand(dim))
+    return torch.where(repeated[:, None], codes + scale * std * noise, codes)

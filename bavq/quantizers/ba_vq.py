@@ -9,8 +9,10 @@ Minimizes beta E[d] + I(X;K) - lambda H(K) by online EM. One step on the flatten
 5. M-step N <- gamma N + (1-gamma) S, M <- gamma M + (1-gamma) M^b, e_k = M_k / N_k where
    N_k > 1e-20 sum N (else e_k kept and M_k <- N_k e_k); D_hat <- 0.9 D_hat + 0.1 mean min d;
 6. straight-through output and commitment (+ optional entropy) loss (in the base class).
-beta is fixed-geometric (beta_start -> beta_end) or adaptive c D / (2 D_hat), c geometric from
-adaptive_c_start to adaptive_c_end, growth capped at (1 + max_beta_growth) per step.
+beta is "anneal" (the default, deterministic annealing from a measured hot start: see
+:meth:`BAVQ._measure_start`), fixed-geometric (beta_start -> beta_end) or adaptive c D / (2 D_hat),
+c geometric from adaptive_c_start to adaptive_c_end, growth capped at (1 + max_beta_growth) per step.
+The E-step is the softmax above or "balanced" (Sinkhorn: columns sum to n r_k, DESIGN.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from bavq.quantizers import _ops
 from bavq.quantizers.base import Quantizer, _require
 
 _NUM_SCALARS = 5  # vectors, sum min d, sum d(x, index(x)), sum H(p(.|x)), sum_x sum_k p d
+BETA_MODES = ("anneal", "adaptive", "fixed")
+ESTEPS = ("softmax", "balanced")
+BALANCE_TARGETS = ("uniform", "prior")
 
 
 def geometric(start: float, end: float, step: int, steps: int) -> float:
@@ -36,11 +41,35 @@ def geometric(start: float, end: float, step: int, steps: int) -> float:
     return start * (end / start) ** (min(step, steps) / steps)
 
 
+def _moments(x: Tensor) -> Tensor:
+    """[n | sum x (D) | sum x x^T (D*D)] of rows x: sums, so they all-reduce exactly."""
+    count = torch.tensor([float(x.shape[0])], device=x.device, dtype=x.dtype)
+    return torch.cat([count, x.sum(0), (x.t() @ x).reshape(-1)])
+
+
+def _critical_spread(moments: Tensor, dim: int) -> float:
+    """2 lambda_max(Cov x) from GLOBAL moments: the critical temperature of deterministic annealing."""
+    n = moments[0].clamp_min(1.0)
+    mean = moments[1 : 1 + dim] / n
+    cov = moments[1 + dim :].view(dim, dim) / n - torch.outer(mean, mean)
+    return 2.0 * float(torch.linalg.eigvalsh(cov.double()).max().clamp_min(0.0))
+
+
 class BAVQ(Quantizer):
     """Blahut-Arimoto codebook; common arguments as in :class:`Quantizer`, plus:
 
     Args:
-        beta_mode: "fixed" (beta_start -> beta_end) or "adaptive" (c D / (2 D_hat)).
+        beta_mode: "anneal" (measured hot start, slow cooling to a cold end), "fixed"
+            (beta_start -> beta_end) or "adaptive" (c D / (2 D_hat)).
+        anneal_start_nats: anneal mode: beta_0 = this / spread, spread = max(the largest gap
+            min_x [d(x,k) - min_j d(x,j)] of any code, mean min distance) on the first global batch,
+            so the farthest code is within this many nats of some row's best code.
+        anneal_end_nats: anneal mode: the cold end, beta D_hat = this.
+        anneal_rate: anneal mode: beta grows by at most anneal_rate (1 - decay) per step, i.e. the
+            cooling is slower than the EMA's relaxation (time constant 1 / (1 - decay)) for rate < 1.
+        estep: "softmax" (p ~ q^(1-lambda) exp(-beta d)) or "balanced" (Sinkhorn: columns n r_k).
+        balance_iters: Sinkhorn iterations of the balanced E-step.
+        balance_target: column marginal r of the balanced E-step, "uniform" (1/K) or "prior" (q).
         beta_start, beta_end, beta_anneal_steps: the fixed schedule (geometric; also the length of
             the c schedule in adaptive mode).
         adaptive_c_start, adaptive_c_end: the c schedule of adaptive mode.
@@ -50,18 +79,29 @@ class BAVQ(Quantizer):
         assign: hard code "nearest" (argmin d) or "map" (argmax a).
         entropy_loss_weight: weight of mean_x H(p(.|x)) - H(mean_x p) in the loss; 0 = off.
 
-    Extra buffers: ``log_prior`` (K), ``beta`` (the beta of the next E-step; 0 in adaptive mode
-    until the first training batch measured D_hat) and ``d_hat`` (-1 until measured).
-    Flat statistics layout: [S (K) | M^b (K*D) | hard counts (K) | 5 scalars].
+    Extra buffers: ``log_prior`` (K), ``beta`` (the beta of the next E-step; 0 in adaptive and anneal
+    modes until the first training batch measured D_hat) and ``d_hat`` (-1 until measured).
+    Flat statistics layout: [S (K) | M^b (K*D) | hard counts (K) | reached (K) | anneal mode only:
+    n, sum x (D), sum x x^T (D*D) | 5 scalars], where
+    reached_k counts the ranks on which some row gave code k mass above the fp32 floor; codes with 0
+    are reported as ``underflow_codes``.
     """
 
-    def __init__(self, num_codes: int, code_dim: int, *, beta_mode: str = "adaptive", beta_start: float = 1.0,
+    def __init__(self, num_codes: int, code_dim: int, *, beta_mode: str = "anneal", beta_start: float = 1.0,
                  beta_end: float = 100.0, beta_anneal_steps: int = 10000, adaptive_c_start: float = 2.0,
                  adaptive_c_end: float = 64.0, max_beta_growth: float = 0.001, entropy_weight: float = 1.0,
                  prior_floor: float = 0.1, assign: str = "nearest", entropy_loss_weight: float = 0.0,
-                 **common):
+                 anneal_start_nats: float = 1.0, anneal_end_nats: float = 32.0, anneal_rate: float = 0.5,
+                 estep: str = "softmax", balance_iters: int = 3, balance_target: str = "uniform", **common):
         super().__init__(num_codes, code_dim, **common)
-        _require(beta_mode in ("fixed", "adaptive"), f"beta_mode must be 'fixed' or 'adaptive', got '{beta_mode}'")
+        _require(beta_mode in BETA_MODES, f"beta_mode must be one of {', '.join(BETA_MODES)}, got '{beta_mode}'")
+        _require(0 < anneal_start_nats < anneal_end_nats,
+                 f"need 0 < anneal_start_nats < anneal_end_nats, got {anneal_start_nats}, {anneal_end_nats}")
+        _require(0 < anneal_rate <= 1, f"anneal_rate must be in (0, 1], got {anneal_rate}")
+        _require(estep in ESTEPS, f"estep must be one of {', '.join(ESTEPS)}, got '{estep}'")
+        _require(balance_iters >= 1, f"balance_iters must be >= 1, got {balance_iters}")
+        _require(balance_target in BALANCE_TARGETS,
+                 f"balance_target must be one of {', '.join(BALANCE_TARGETS)}, got '{balance_target}'")
         _require(min(beta_start, beta_end, adaptive_c_start, adaptive_c_end) > 0,
                  "beta_start, beta_end, adaptive_c_start and adaptive_c_end must be > 0")
         _require(beta_anneal_steps >= 0, f"beta_anneal_steps must be >= 0, got {beta_anneal_steps}")
@@ -75,9 +115,14 @@ class BAVQ(Quantizer):
         self.adaptive_c_start, self.adaptive_c_end = adaptive_c_start, adaptive_c_end
         self.entropy_weight, self.prior_floor = entropy_weight, prior_floor
         self.assign, self.entropy_loss_weight = assign, entropy_loss_weight
+        self.anneal_start_nats, self.anneal_end_nats = anneal_start_nats, anneal_end_nats
+        self.anneal_rate = anneal_rate
+        self.estep, self.balance_iters, self.balance_target = estep, balance_iters, balance_target
         self.register_buffer("log_prior", torch.full((num_codes,), -math.log(num_codes)))
         self.register_buffer("beta", torch.tensor(beta_start if beta_mode == "fixed" else 0.0))
         self.register_buffer("d_hat", torch.tensor(-1.0))
+        self._pending_gaps: Tensor | None = None  # anneal mode: local per-code gaps not yet reduced
+        self._critical = 0.0  # anneal mode: 2 lambda_max(Cov x) of the last global batch
 
     # ------------------------------------------------------------------ E-step
     def _log_weight(self) -> Tensor | None:
@@ -94,6 +139,38 @@ class BAVQ(Quantizer):
         self.d_hat.fill_(float(totals[0] / totals[1].clamp_min(1.0)))
         self.beta.fill_(self._adaptive_target(int(self.step)))
 
+    def _measure_start(self, x: Tensor) -> None:
+        """Anneal mode's hot start, from the first GLOBAL batch (collective, once): D_hat and
+        beta_0 = anneal_start_nats / spread (see :meth:`_reach_beta`)."""
+        gaps, min_dist = _ops.code_gaps(x, self.codebook, self.rows_per_chunk)
+        largest_gap = dist.all_reduce_max(gaps.neg()).neg().max()  # a code's gap is its min over ranks
+        totals = dist.all_reduce_sum(torch.cat([min_dist.sum().reshape(1), _moments(x)]))
+        self.d_hat.fill_(float(totals[0] / totals[1].clamp_min(1.0)))
+        self.beta.fill_(self._reach_beta(float(largest_gap), _critical_spread(totals[1:], self.code_dim)))
+
+    def _reach_beta(self, largest_gap: float, critical: float) -> float:
+        """The coldest beta at which every code still receives posterior mass: anneal_start_nats / spread.
+
+        A code whose log-odds against every row's best code is below ~-80 gets exactly zero mass in
+        fp32 and never moves (DESIGN.md, "What the first grid showed"). The spread is measured on the
+        global batch: the largest gap max_k min_x [d(x,k) - min_j d(x,j)] (how far the farthest code
+        is from being anyone's nearest); once every code is near the data (gaps near 0) it is the
+        smaller of D_hat (beta D_hat = anneal_start_nats, the study's hot start) and the critical
+        spread 2 lambda_max(Cov x) (hotter than that all codes merge at the centroid: Rose's
+        deterministic annealing, so a collapsed codebook starts splitting right away). Random codes
+        start far away, so beta_0 is very hot; as they move in the gap shrinks and this floor lets
+        beta follow them instead of wasting steps above the data's scale.
+        """
+        return self.anneal_start_nats / max(largest_gap, min(float(self.d_hat), critical), 1e-20)
+
+    def _anneal_next(self, largest_gap: float, critical: float) -> float:
+        """beta of the next step: cool by at most anneal_rate (1 - decay) per step (slower than the EMA's
+        relaxation), never hotter than the reach floor, and at most the cold end anneal_end_nats / D_hat
+        (which tracks the encoder's scale, so every run ends hard: beta D_hat = anneal_end_nats)."""
+        cold = self.anneal_end_nats / max(float(self.d_hat), 1e-20)
+        cooled = float(self.beta) * (1.0 + self.anneal_rate * (1.0 - self.decay))
+        return min(cold, max(cooled, self._reach_beta(largest_gap, critical)))
+
     def _adaptive_target(self, step: int) -> float:
         c = geometric(self.adaptive_c_start, self.adaptive_c_end, step, self.beta_anneal_steps)
         return c * self.code_dim / (2.0 * max(float(self.d_hat), 1e-20))
@@ -102,18 +179,43 @@ class BAVQ(Quantizer):
         rows = x.detach()
         if self.beta_mode == "adaptive" and float(self.d_hat) < 0:
             self._measure_first_d_hat(rows)
+        elif self.beta_mode == "anneal":
+            if float(self.d_hat) < 0:
+                self._measure_start(rows)
+            gaps = _ops.code_gaps(rows, self.codebook, self.rows_per_chunk)[0]
+            # min over micro-batches here and over ranks at the update: the gaps of the global batch
+            self._pending_gaps = gaps if self._pending_gaps is None else torch.minimum(self._pending_gaps, gaps)
         beta = float(self.beta)
         log_weight = self._log_weight()
+        if self.estep == "balanced":
+            log_weight = self._balanced_log_weight(rows, log_weight, beta)
         st = _ops.soft_assign(rows, self.codebook, log_weight, beta, self.rows_per_chunk,
                               nearest=self.assign == "nearest")
         counts = torch.bincount(st.indices, minlength=self.num_codes).to(rows.dtype)
         scalars = torch.stack([torch.tensor(float(rows.shape[0]), device=rows.device), st.min_dist.sum(),
                                st.hard_dist.sum(), st.entropy.sum(), st.soft_dist.sum()])
-        stats = torch.cat([st.soft_counts, st.soft_sums.reshape(-1), counts, scalars])
+        parts = [st.soft_counts, st.soft_sums.reshape(-1), counts, st.reached]
+        if self.beta_mode == "anneal":
+            parts.append(_moments(rows))
+        stats = torch.cat(parts + [scalars])
         extra = None
         if self.entropy_loss_weight > 0 and torch.is_grad_enabled() and x.requires_grad:
             extra = self.entropy_loss_weight * self._entropy_loss(x, st, log_weight, beta)
         return st.indices, stats, extra
+
+    def _balanced_log_weight(self, rows: Tensor, log_weight: Tensor | None, beta: float) -> Tensor:
+        """log_weight + v: the Sinkhorn column potentials turn the softmax E-step into the balanced one.
+
+        Collective (2 all-reduces of K values per iteration). With gradient accumulation each
+        micro-batch is balanced on its own global micro-batch (the columns of one micro-step).
+        """
+        if self.balance_target == "uniform":
+            log_ratio = torch.full_like(self.log_prior, -math.log(self.num_codes))
+        else:
+            log_ratio = self.log_prior
+        v = _ops.balance_potentials(rows, self.codebook, log_weight, beta, self.rows_per_chunk, log_ratio,
+                                    self.balance_iters)
+        return v if log_weight is None else log_weight + v
 
     def _entropy_loss(self, x: Tensor, st: _ops.SoftStats, log_weight: Tensor | None, beta: float) -> Tensor:
         """mean_x H(p(.|x)) - H(mean_x p) over the GLOBAL batch, with a chunked backward.
@@ -152,6 +254,10 @@ class BAVQ(Quantizer):
         soft_counts = stats[:num_codes]
         soft_sums = stats[num_codes : num_codes * (dim + 1)].view(num_codes, dim)
         counts = stats[num_codes * (dim + 1) : num_codes * (dim + 2)]
+        reached = stats[num_codes * (dim + 2) : num_codes * (dim + 3)]
+        if self.beta_mode == "anneal":
+            moments = stats[num_codes * (dim + 3) : num_codes * (dim + 3) + 1 + dim + dim * dim]
+            self._critical = _critical_spread(moments, dim)
         n, sum_min, sum_hard, sum_entropy, sum_soft = stats[-_NUM_SCALARS:].unbind()
         n = n.clamp_min(1.0)
         self.ema_count.mul_(self.decay).add_(soft_counts, alpha=1.0 - self.decay)
@@ -171,6 +277,7 @@ class BAVQ(Quantizer):
             "distortion_soft": sum_soft / n,
             "assign_entropy": assign_entropy,
             "rate": entropy_of_counts(soft_counts).float() - assign_entropy,
+            "underflow_codes": (reached == 0).sum().to(stats.dtype),  # zero soft mass in fp32 this step
         }
         return counts, metrics
 
@@ -181,6 +288,10 @@ class BAVQ(Quantizer):
         step = int(self.step)
         if self.beta_mode == "fixed":
             self.beta.fill_(geometric(self.beta_start, self.beta_end, step, self.beta_anneal_steps))
+        elif self.beta_mode == "anneal":
+            gaps, self._pending_gaps = self._pending_gaps, None
+            largest_gap = float(dist.all_reduce_max(gaps.neg()).neg().max())  # a second, K-value collective
+            self.beta.fill_(self._anneal_next(largest_gap, self._critical))
         else:
             self.beta.fill_(min(self._adaptive_target(step), float(self.beta) * (1.0 + self.max_beta_growth)))
         return {

@@ -183,9 +183,14 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def _data_init(self, x: Tensor) -> None:
-        """Codes drawn from the first global batch, identically on every rank (collective)."""
+        """Codes drawn from the first global batch, identically on every rank (collective).
+
+        When K exceeds the global batch's rows, rows are drawn with replacement and the repeated
+        copies get small noise (:func:`_ops.jitter_duplicates`), so the K codes are distinct."""
         generator = _ops.shared_generator(self.seed, int(self.step), _PURPOSE_INIT)
-        codes = _ops.sample_global_rows(x, self.num_codes, generator)
+        codes = _ops.jitter_duplicates(_ops.sample_global_rows(x, self.num_codes, generator), generator)
+        if self.l2_normalize:
+            codes = F.normalize(codes, dim=1)
         self.codebook.copy_(codes)
         self.ema_sum.copy_(codes)
         self.ema_count.fill_(1.0)

@@ -1,0 +1,168 @@
+"""BA-VQ's anneal schedule, balanced (Sinkhorn) E-step, underflow metric and duplicate-free data init,
+against float64 references written here from DESIGN.md (no chunking, whole N x K matrices)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _mp import run_distributed  # tests/ is on sys.path under pytest (no package)
+
+from bavq.quantizers import BAVQ, VQEMA
+
+K, D = 37, 3  # chunk sizes 7 and 11 divide neither N = 60 nor K
+
+
+def batch(seed: int, n: int = 60) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n, D, generator=gen) * 0.5 + 1.5  # off-centre: random codes start far away
+    return rows.view(n // 4, 4, D).permute(0, 2, 1).contiguous()  # (B, D, 4)
+
+
+def rows64(z: torch.Tensor) -> torch.Tensor:
+    return z.movedim(1, -1).reshape(-1, D).double()
+
+
+def ref_balanced_log_weight(a: torch.Tensor, log_ratio: torch.Tensor, iters: int) -> torch.Tensor:
+    """v with p = exp(a + u + v): u_x = -lse_k(a + v), v_k = log(n r_k) - lse_x(a + u)."""
+    n = a.shape[0]
+    v = torch.zeros(a.shape[1], dtype=a.dtype)
+    for _ in range(iters):
+        u = -torch.logsumexp(a + v, 1, keepdim=True)
+        v = math.log(n) + log_ratio - torch.logsumexp(a + u, 0)
+    return v
+
+
+def ref_step(st: dict, x: torch.Tensor, hp: dict) -> dict:
+    """One BA-VQ step in float64: anneal beta (measured start, reach floor, capped cooling, cold end),
+    softmax or balanced E-step, M-step."""
+    e, count, sums = st["codebook"], st["ema_count"], st["ema_sum"]
+    lam, alpha, decay = hp["entropy_weight"], 0.1, hp["decay"]
+    d = (x[:, None, :] - e[None]).square().sum(-1)  # (N, K)
+    gap = (d - d.min(1, keepdim=True).values).min(0).values.max()
+    cov = torch.cov(x.t(), correction=0)
+    critical = 2 * torch.linalg.eigvalsh(cov).max()
+    beta, d_hat = st["beta"], st["d_hat"]
+    if d_hat < 0:
+        d_hat = d.min(1).values.mean()
+        beta = hp["anneal_start_nats"] / max(gap, min(d_hat, critical))
+    q = (count / count.sum() + alpha / K) / (1 + alpha)
+    a = (1 - lam) * q.log() - beta * d
+    if hp["estep"] == "balanced":
+        log_ratio = torch.full((K,), -math.log(K), dtype=x.dtype) if hp["balance_target"] == "uniform" else q.log()
+        a = a + ref_balanced_log_weight(a, log_ratio, hp["balance_iters"])
+    p = torch.softmax(a, 1)
+    idx = d.argmin(1) if hp["assign"] == "nearest" else a.argmax(1)
+    count = decay * count + (1 - decay) * p.sum(0)
+    sums = decay * sums + (1 - decay) * p.t() @ x
+    e = sums / count[:, None]
+    d_hat = 0.9 * d_hat + 0.1 * d.min(1).values.mean()
+    cold = hp["anneal_end_nats"] / d_hat
+    cooled = beta * (1 + hp["anneal_rate"] * (1 - decay))
+    new_beta = min(cold, max(cooled, hp["anneal_start_nats"] / max(gap, min(d_hat, critical))))
+    return {"codebook": e, "ema_count": count, "ema_sum": sums, "beta": new_beta, "d_hat": d_hat,
+            "used_beta": beta, "p": p, "indices": idx}
+
+
+HP = dict(decay=0.8, anneal_start_nats=1.0, anneal_end_nats=20.0, anneal_rate=0.5, balance_iters=4,
+          balance_target="uniform")
+
+
+@pytest.mark.parametrize("estep", ["softmax", "balanced"])
+@pytest.mark.parametrize("lam", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("assign", ["nearest", "map"])
+@pytest.mark.parametrize("chunk", [7, 11])
+def test_anneal_and_balanced_match_float64_reference(estep, lam, assign, chunk):
+    hp = dict(HP, estep=estep, entropy_weight=lam, assign=assign)
+    q = BAVQ(K, D, chunk_size=chunk, beta_mode="anneal", **hp)
+    st = {k: v.double() for k, v in q.state_dict().items() if v.is_floating_point()}
+    for seed in (1, 2, 3, 4):
+        z = batch(seed)
+        out = q(z)
+        ref = ref_step(st, rows64(z), hp)
+        st = ref
+        assert math.isclose(float(out.metrics["beta"]), float(ref["used_beta"]), rel_tol=1e-5)
+        for name in ("codebook", "ema_count", "ema_sum"):
+            torch.testing.assert_close(getattr(q, name).double(), ref[name], rtol=2e-5, atol=2e-6)
+        assert math.isclose(float(q.beta), float(ref["beta"]), rel_tol=1e-5)
+        assert torch.equal(out.indices.reshape(-1), ref["indices"])
+        if estep == "balanced":  # rows sum to 1 by construction; columns approach n / K
+            assert float(out.metrics["assign_entropy"]) > 0
+
+
+def test_balanced_columns_converge_to_the_target():
+    """With enough Sinkhorn iterations the soft counts equal n r_k, uniform or the prior."""
+    for target in ("uniform", "prior"):
+        q = BAVQ(K, D, beta_mode="fixed", beta_start=2.0, estep="balanced", balance_iters=200,
+                 balance_target=target, decay=0.0, chunk_size=7)
+        q.log_prior.copy_(torch.log_softmax(torch.randn(K, generator=torch.Generator().manual_seed(5)), 0))
+        ratio = q.log_prior.exp() if target == "prior" else torch.full((K,), 1.0 / K)
+        q(batch(9))
+        # decay 0: ema_count is this batch's column sums
+        torch.testing.assert_close(q.ema_count, 60 * ratio, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("estep", ["softmax", "balanced"])
+@pytest.mark.parametrize("beta", [1e-8, 1e8])
+@pytest.mark.parametrize("lam", [0.0, 2.0])
+def test_extreme_beta_stays_finite(estep, beta, lam):
+    q = BAVQ(K, D, beta_mode="fixed", beta_start=beta, beta_end=beta, estep=estep, entropy_weight=lam,
+             chunk_size=11, assign="map")
+    for seed in (1, 2):
+        out = q(batch(seed) * 3)
+        for name, value in out.metrics.items():
+            assert torch.isfinite(value).all(), name
+        for name, value in q.state_dict().items():
+            if value.is_floating_point():
+                assert torch.isfinite(value).all(), name
+
+
+def test_underflow_codes_counts_codes_without_mass():
+    q = BAVQ(K, D, beta_mode="fixed", beta_start=2.0, beta_end=2.0)
+    far = torch.arange(K) >= 30  # 7 codes 100 units away: beta * d ~ 6e4 nats, zero mass in fp32
+    q.codebook[far] += 100.0
+    q.ema_sum.copy_(q.codebook)
+    out = q(batch(1))
+    assert int(out.metrics["underflow_codes"]) == int(far.sum())
+    hot = BAVQ(K, D, beta_mode="fixed", beta_start=1e-6, beta_end=1e-6)
+    assert int(hot(batch(1)).metrics["underflow_codes"]) == 0
+
+
+def test_anneal_start_reaches_every_code_and_ends_cold():
+    """Random codes far from the data: the measured hot start gives every code mass, and beta
+    reaches the cold end anneal_end_nats / D_hat."""
+    q = BAVQ(K, D, decay=0.5, anneal_end_nats=8.0, anneal_rate=1.0)
+    q.codebook.mul_(20.0)
+    q.ema_sum.copy_(q.codebook)
+    out = q(batch(1))
+    assert int(out.metrics["underflow_codes"]) == 0 and float(out.metrics["assign_entropy"]) > 1.0
+    for seed in range(2, 300):
+        q(batch(seed))
+    assert math.isclose(float(q.beta) * float(q.d_hat), 8.0, rel_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------- data init, K > rows
+BIG_K, ROWS = 256, 40  # 40 global rows (20 per rank) for 256 codes
+
+
+def _init_worker(rank: int, world_size: int) -> dict:
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(ROWS // 4, D, 4, generator=gen)
+    out = {}
+    for name, cls in (("vq_ema", VQEMA), ("ba_vq", BAVQ)):
+        q = cls(BIG_K, D, init="data", seed=11)
+        q(z.chunk(world_size)[rank])
+        out[name] = q.codebook.numpy()
+    return out
+
+
+def test_data_init_with_more_codes_than_rows_is_distinct_and_rank_identical():
+    ranks = run_distributed(_init_worker, 2)
+    single = _init_worker(0, 1)
+    for name in ("vq_ema", "ba_vq"):
+        a, b, one = (torch.from_numpy(r[name]) for r in (*ranks, single))
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, one, rtol=1e-6, atol=1e-6)
+        # codebook after one update: the init was distinct, and so are the updated codes
+        assert torch.unique(a, dim=0).shape[0] == BIG_K, name

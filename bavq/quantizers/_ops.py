@@ -6,11 +6,17 @@ at a time. The buffers are allocated once per call and reused (``out=``): on CPU
 allocation per chunk costs page faults that tripled the time of the distance matmul.
 Squared distances use ``||x||^2 - 2 x e^T + ||e||^2`` through ``addmm``; since ``||x||^2`` is a
 row constant it is left out of the (chunk x K) matrix and added to the per-row results only.
+
+Fused kernels (issue 15): ``soft_assign`` and ``nearest_codes`` first try a fused path
+(``_fused.py``: a C++ sweep on CPU; ``_triton.py``: a two-pass Triton kernel on CUDA) and run the
+eager code below, the reference, when none applies. ``BAVQ_KERNELS=eager`` in the environment or
+``set_kernels("eager")`` forces the eager code; ``set_kernels("auto")`` is the default.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +65,35 @@ def from_rows(rows: Tensor, shape: torch.Size) -> Tensor:
 LOG_P_FLOOR = -80.0
 
 
+_KERNELS = {"mode": os.environ.get("BAVQ_KERNELS", "auto")}
+
+
+def set_kernels(mode: str) -> str:
+    """Select "auto" (fused kernels where they apply) or "eager" (always the eager reference);
+    returns the previous mode."""
+    if mode not in ("auto", "eager"):
+        raise ValueError(f"kernels must be 'auto' or 'eager', got '{mode}'")
+    previous, _KERNELS["mode"] = _KERNELS["mode"], mode
+    return previous
+
+
+def _fused_backend(x: Tensor, codebook: Tensor):
+    """The module serving fused kernels for these tensors (``_fused`` or ``_triton``), or None."""
+    if _KERNELS["mode"] == "eager" or x.dtype != torch.float32 or codebook.dtype != torch.float32:
+        return None
+    if x.shape[0] == 0 or x.device != codebook.device:
+        return None
+    if x.device.type == "cuda":
+        from bavq.quantizers import _triton
+
+        return _triton if _triton.available() else None
+    if x.device.type == "cpu":
+        from bavq.quantizers import _fused
+
+        return _fused
+    return None
+
+
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-row inner product of two (n, K) matrices without an (n, K) temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -70,6 +105,11 @@ def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tenso
 
     Returns (indices (N,) int64, squared distance to the nearest code (N,)).
     """
+    backend = _fused_backend(x, codebook)
+    if backend is not None:  # CPU: the same code in cache-sized chunks; CUDA: Triton's row pass
+        fused = backend.nearest_codes(x, codebook, rows)
+        if fused is not None:
+            return fused
     n, num_codes = x.shape[0], codebook.shape[0]
     sq_codes = codebook.square().sum(1)
     indices = torch.empty(n, dtype=torch.int64, device=x.device)
@@ -127,6 +167,11 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
     The -beta ||x||^2 row constant is dropped (softmax is shift invariant). The softmax is done in
     the log domain (max shift), so rows never underflow to NaN at K = 16,384.
     """
+    backend = _fused_backend(x, codebook)
+    if backend is not None:
+        fused = backend.soft_assign(x, codebook, log_weight, beta, rows, nearest)
+        if fused is not None:
+            return SoftStats(**fused)
     n, dim = x.shape
     num_codes = codebook.shape[0]
     sq_codes = codebook.square().sum(1)

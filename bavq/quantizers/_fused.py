@@ -232,15 +232,16 @@ def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tenso
 
 @torch.no_grad()
 def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: float, rows: int,
-                nearest: bool) -> dict[str, Tensor] | None:
+                nearest: bool, exact_rows: bool = False) -> dict[str, Tensor] | None:
     """The fused E-step: same inputs and outputs (as a dict of SoftStats fields) as
-    ``_ops.soft_assign``; None when the extension is unavailable."""
+    ``_ops.soft_assign``; None when the extension is unavailable. Chunks of
+    ``cache_rows(K, D, rows)`` rows, or exactly ``rows`` with ``exact_rows`` (benchmarks)."""
     module = _load()
     if module is None:
         return None
     n, dim = x.shape
     num_codes = codebook.shape[0]
-    rows = cache_rows(num_codes, dim, rows)
+    rows = rows if exact_rows else cache_rows(num_codes, dim, rows)
     sq_codes = codebook.square().sum(1)
     bias = (-beta * sq_codes) if log_weight is None else sq_codes
     code_bias = x.new_empty(0) if log_weight is None else log_weight.contiguous()

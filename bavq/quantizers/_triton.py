@@ -25,12 +25,15 @@ One kernel serves both E-step rules:
   computed from these passes are consistent with each other.
 
 Distances are computed with ``tl.dot(..., input_precision="ieee")`` (TF32 off, DESIGN.md Numerics)
-unless ``allow_tf32=True``. On this project's CPU-only build machine the kernels are checked with
-``TRITON_INTERPRET=1`` against the eager reference (tests/test_fused_kernels.py); they have not run
-on a GPU yet.
+unless ``allow_tf32=True`` (``BAVQ_TRITON_TF32=1`` for the quantizer's calls). On this project's
+CPU-only build machine the kernels are checked with ``TRITON_INTERPRET=1`` against the eager
+reference (tests/test_fused_kernels.py); they have not run on a GPU yet (``BAVQ_KERNELS=eager``
+switches them off).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -40,6 +43,10 @@ try:  # optional dependency: the CPU build machine has it, a CUDA wheel of torch
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
+
+
+# TF32 for the distance dot products only when asked (it changes ~40% of nearest codes at K >= 4096).
+ALLOW_TF32 = os.environ.get("BAVQ_TRITON_TF32", "0") == "1"
 
 
 def available() -> bool:
@@ -217,15 +224,15 @@ def col_pass(x: Tensor, codebook: Tensor, beta: float, code_bias: Tensor | None 
 
 def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     """``_ops.nearest_codes`` as one row pass without the soft part (``rows`` is not needed)."""
-    r = row_pass(x, codebook, 0.0, soft=False)
+    r = row_pass(x, codebook, 0.0, soft=False, allow_tf32=ALLOW_TF32)
     return r["argmin_d"], (r["min_d"] + x.float().square().sum(1)).clamp_(min=0.0)
 
 
 def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: float, rows: int,
                 nearest: bool) -> dict[str, Tensor]:
     """``_ops.soft_assign`` (same inputs, SoftStats fields as a dict) in two passes, no N x K."""
-    r = row_pass(x, codebook, beta, log_weight)
-    cols = col_pass(x, codebook, beta, log_weight, -r["lse"])
+    r = row_pass(x, codebook, beta, log_weight, allow_tf32=ALLOW_TF32)
+    cols = col_pass(x, codebook, beta, log_weight, -r["lse"], allow_tf32=ALLOW_TF32)
     scale = cols["col_max"].exp()
     sq_rows = x.float().square().sum(1)
     hard = r["min_d"] if nearest else r["d_at_argmax"]

@@ -126,7 +126,8 @@ def _worker(cmd: list[str]):
 
 def measure(num_codes: int, dim: int, args) -> dict:
     """{impl: {"ms": ..., "peak_mib": ...}} for one (K, D); NaN where a worker failed."""
-    common = ["--rows", str(args.rows), "--repeats", str(args.repeats), "--device", args.device]
+    common = ["--rows", str(args.rows), "--repeats", str(args.repeats), "--device", args.device,
+              "--threads", str(args.threads)]
     times = _worker(["--worker", "time", str(num_codes), str(dim), *common]) or {}
     result = {}
     for impl in IMPLS:
@@ -163,12 +164,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 repeats per case")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads in every worker (0 = torch's default); 1 on a busy shared CPU, "
+                             "where OpenMP barriers wait for descheduled threads")
     parser.add_argument("--worker", nargs=3, metavar=("WHAT", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rows % 1024:
         parser.error("--rows must be a multiple of 1024 (the input is (N / 1024, D, 32, 32))")
     if args.quick:
         args.repeats = 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         what, num_codes, dim = args.worker[0], int(args.worker[1]), int(args.worker[2])
         if what == "time":
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"K={num_codes} D={dim}: " + ", ".join(f"{i} {res[i]['ms']:.0f} ms" for i in IMPLS),
                   flush=True)
     print_table(results, args.device, args.rows)
+    print(f"torch threads per worker: {args.threads or 'default'}")
 
 
 if __name__ == "__main__":

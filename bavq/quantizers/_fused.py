@@ -7,14 +7,19 @@ last chunk's shape, and costs a long first compile, while this sweep reads each 
 in L1/L2. The GEMMs stay in BLAS (the same ``addmm`` calls as the eager code, so the scores, and with
 them the hard codes, are bit-identical to the eager path).
 
-Per chunk of rows (at most ``rows`` x K fp32 alive, as in the eager code):
+Per chunk of rows (``cache_rows``: the (rows x K) fp32 matrix stays in L2/L3; each parallel worker
+has its own, and all of them together stay within the caller's ``rows`` budget):
 
-1. ``g = addmm(...)`` (BLAS): a = 2 beta x.e - beta ||e||^2 when there is no code bias (lambda = 1),
-   else d' = ||e||^2 - 2 x.e (d' = d - ||x||^2);
-2. ``bavq_fused.row_sweep`` (C++, rows in parallel on torch's thread pool): per row, sweep 1 finds
-   max a / argmax a / min d' / argmin d'; sweep 2 writes u = exp(max(a - max a, LOG_P_FLOOR)) over g
-   and sums norm = sum u, sum u (a - max a), sum u d';
-3. ``sums_t.addmm_([x, 1]^T / norm, u)`` (BLAS): S and M^b, exactly as the eager code.
+1. ``g = addmm(...)`` (BLAS, the eager code's call): a = 2 beta x.e - beta ||e||^2 when there is no
+   code bias (lambda = 1), else d' = ||e||^2 - 2 x.e (d' = d - ||x||^2);
+2. the C++ sweep, per row: sweep 1 finds max a / argmax a / min d' / argmin d'; sweep 2 writes
+   u = exp(max(a - max a, LOG_P_FLOOR)) over g and sums norm = sum u, sum u (a - max a), sum u d';
+3. ``partial.addmm_([x, 1]^T / norm, u)`` (BLAS): S and M^b, as the eager code.
+
+The whole chunk loop runs in C++ under ONE ``at::parallel_for`` (workers take interleaved chunks,
+ATen calls inside run single-threaded): the eager loop opens several parallel regions per chunk, and
+on a busy shared CPU each region's barrier waits for a descheduled thread. ``nearest_codes`` uses the
+same loop without the soft part.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load_inline`` into
 ``$TORCH_EXTENSIONS_DIR`` (the project's ``.torch_extensions`` when unset and writable). When no
@@ -34,12 +39,14 @@ from torch import Tensor
 
 from bavq.quantizers._ops import LOG_P_FLOOR
 
-# Columns of the per-row float output of row_sweep.
+# Columns of the per-row float output of chunk_loop (mode 0).
 _MIN_D, _HARD_D, _NORM, _MEAN_B, _SOFT_D, _A_MAX = range(6)
 
 _CPP = r"""
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 #include <cstring>
 
 // GCC/Clang generic vectors: explicit 16-lane code that lowers to AVX-512, AVX2 or SSE (or NEON)
@@ -144,25 +151,81 @@ static int64_t sweep_row(float* g, const float* c, int64_t K, float beta, bool n
   return (c && nearest) ? id : ia;
 }
 
-void row_sweep(at::Tensor g, at::Tensor code_bias, double beta, bool nearest, double floor_,
-               at::Tensor indices, at::Tensor out) {
-  TORCH_CHECK(g.is_contiguous() && g.scalar_type() == at::kFloat && g.dim() == 2, "g: contiguous fp32 (R, K)");
-  TORCH_CHECK(out.is_contiguous() && out.size(0) == g.size(0) && out.size(1) == 6, "out: (R, 6)");
-  TORCH_CHECK(indices.is_contiguous() && indices.scalar_type() == at::kLong, "indices: int64");
-  const int64_t R = g.size(0), K = g.size(1);
+// MKL (torch's BLAS on x86) would otherwise start nested thread teams for the GEMMs that each
+// worker calls inside the parallel region (measured: 3-7x the CPU time on 2 cores). Weak: absent
+// (null) with another BLAS, which then runs as it is configured.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+static int64_t argmin_row(const float* g, int64_t K, float* best_out) {
+  const int64_t Kv = K - K % W;
+  const float inf = __builtin_inff();
+  vf dmin = splat(inf);
+  vi darg = vi{} - 1, lane;
+  for (int i = 0; i < W; ++i) lane[i] = i;
+  for (int64_t k = 0; k < Kv; k += W) {
+    vf v = load(g + k);
+    auto lt = v < dmin; dmin = lt ? v : dmin; darg = lt ? lane + (int32_t)k : darg;
+  }
+  float best = inf; int64_t id = -1;
+  for (int i = 0; i < W; ++i)
+    if (dmin[i] < best || (dmin[i] == best && darg[i] < id)) { best = dmin[i]; id = darg[i]; }
+  for (int64_t k = Kv; k < K; ++k) if (g[k] < best) { best = g[k]; id = k; }
+  *best_out = best;
+  return id;
+}
+
+// The chunk loop of one E-step, under ONE parallel region: worker w takes chunks w, w + workers, ...
+// with its own (rows x K) buffer and (D+1) x K partial sums; ATen calls inside run single-threaded.
+// Few, long parallel regions: on a busy shared CPU every region's barrier waits for a descheduled
+// thread, and the eager loop has several per chunk. Partial sums are added in worker order, so the
+// result is deterministic for a given number of workers.
+// mode 0: soft E-step (g = addmm(bias, x, E^T, alpha)); mode 1: nearest codes only (no statistics).
+std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor bias, at::Tensor code_bias,
+                                   double alpha, double beta, bool nearest, double floor_, int64_t rows,
+                                   int64_t workers, int64_t mode) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && codebook.scalar_type() == at::kFloat, "fp32");
+  const int64_t N = x.size(0), D = x.size(1), K = codebook.size(0);
+  const int64_t chunks = (N + rows - 1) / rows;
+  workers = std::max<int64_t>(1, std::min<int64_t>(workers, chunks));
   const float* c = nullptr;
   if (code_bias.numel() > 0) {
-    TORCH_CHECK(code_bias.is_contiguous() && code_bias.numel() == K && code_bias.scalar_type() == at::kFloat,
-                "code_bias: contiguous fp32 (K,)");
+    TORCH_CHECK(code_bias.is_contiguous() && code_bias.numel() == K, "code_bias: contiguous (K,)");
     c = code_bias.data_ptr<float>();
   }
-  float* gp = g.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  auto et = codebook.t();
+  auto indices = at::empty({N}, x.options().dtype(at::kLong));
+  auto per_row = at::empty({N, mode == 0 ? 6 : 1}, x.options());
+  auto partial = at::zeros({mode == 0 ? workers : 0, D + 1, K}, x.options());
   int64_t* ip = indices.data_ptr<int64_t>();
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      ip[r] = sweep_row(gp + r * K, c, K, (float)beta, nearest, (float)floor_, op + r * 6);
+  float* op = per_row.data_ptr<float>();
+  at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    const int previous_mkl = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    for (int64_t w = wb; w < we; ++w) {
+      auto buf = at::empty({std::min(rows, N), K}, x.options());
+      auto wts = at::empty({std::min(rows, N), D + 1}, x.options());
+      for (int64_t ci = w; ci < chunks; ci += workers) {
+        const int64_t s = ci * rows, m = std::min(rows, N - s);
+        auto xc = x.narrow(0, s, m);
+        auto g = buf.narrow(0, 0, m);
+        at::addmm_out(g, bias, xc, et, 1.0, alpha);
+        float* gp = g.data_ptr<float>();
+        if (mode == 1) {
+          for (int64_t r = 0; r < m; ++r) ip[s + r] = argmin_row(gp + r * K, K, op + s + r);
+          continue;
+        }
+        for (int64_t r = 0; r < m; ++r)
+          ip[s + r] = sweep_row(gp + r * K, c, K, (float)beta, nearest, (float)floor_, op + (s + r) * 6);
+        auto wc = wts.narrow(0, 0, m);
+        wc.narrow(1, 0, D).copy_(xc);
+        wc.select(1, D).fill_(1.0);
+        wc.div_(per_row.narrow(0, s, m).narrow(1, 2, 1));  // column 2: norm = sum u
+        partial[w].addmm_(wc.t(), g);
+      }
+    }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_mkl);
   });
+  if (mode == 1) return {indices, per_row.select(1, 0)};
+  return {indices, per_row, partial.sum(0)};
 }
 """
 
@@ -187,7 +250,7 @@ def _load():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            module = load_inline(name="bavq_fused", cpp_sources=_CPP, functions=["row_sweep"],
+            module = load_inline(name="bavq_fused", cpp_sources=_CPP, functions=["chunk_loop"],
                                  build_directory=str(_build_dir()),
                                  extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"], verbose=False)
         except Exception as exc:  # no compiler, no headers, read-only disk: the eager path still works
@@ -219,15 +282,23 @@ def cache_rows(num_codes: int, dim: int, rows: int) -> int:
     return max(1, min(rows, max(64, 2**21 // max(num_codes, 1), dim)))
 
 
-def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor] | None:
-    """``_ops.nearest_codes`` in cache-sized chunks (1.6x faster at K = 16,384, D = 8: the min
-    reads the chunk from cache); None when the caller's chunks are already that small."""
-    small = cache_rows(codebook.shape[0], x.shape[1], rows)
-    if small >= rows:
-        return None
-    from bavq.quantizers import _ops
+def _workers(rows_budget: int, rows: int) -> int:
+    """Parallel workers: every thread of torch's pool, as long as their buffers fit the budget."""
+    return max(1, min(torch.get_num_threads(), rows_budget // max(rows, 1)))
 
-    return _ops.nearest_codes(x, codebook, small)  # ends there: cache_rows(small) == small
+
+@torch.no_grad()
+def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor] | None:
+    """``_ops.nearest_codes`` (same addmm, so the same codes) in cache-sized chunks under one parallel
+    region; None when the extension is unavailable."""
+    module = _load()
+    if module is None:
+        return None
+    small = cache_rows(codebook.shape[0], x.shape[1], rows)
+    sq_codes = codebook.square().sum(1)
+    indices, min_d = module.chunk_loop(x, codebook, sq_codes, x.new_empty(0), -2.0, 0.0, True, LOG_P_FLOOR,
+                                       small, _workers(rows, small), 1)
+    return indices, min_d.add_(x.square().sum(1)).clamp_(min=0.0)
 
 
 @torch.no_grad()
@@ -235,41 +306,26 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
                 nearest: bool, exact_rows: bool = False) -> dict[str, Tensor] | None:
     """The fused E-step: same inputs and outputs (as a dict of SoftStats fields) as
     ``_ops.soft_assign``; None when the extension is unavailable. Chunks of
-    ``cache_rows(K, D, rows)`` rows, or exactly ``rows`` with ``exact_rows`` (benchmarks)."""
+    ``cache_rows(K, D, rows)`` rows, or exactly ``rows`` with ``exact_rows`` (benchmarks); at most
+    ``rows`` rows of buffers in all (the caller's memory budget) over the parallel workers."""
     module = _load()
     if module is None:
         return None
-    n, dim = x.shape
-    num_codes = codebook.shape[0]
-    rows = rows if exact_rows else cache_rows(num_codes, dim, rows)
+    dim = x.shape[1]
+    small = rows if exact_rows else cache_rows(codebook.shape[0], dim, rows)
     sq_codes = codebook.square().sum(1)
     bias = (-beta * sq_codes) if log_weight is None else sq_codes
     code_bias = x.new_empty(0) if log_weight is None else log_weight.contiguous()
     alpha = 2.0 * beta if log_weight is None else -2.0
-    indices = torch.empty(n, dtype=torch.int64, device=x.device)
-    per_row = x.new_empty(n, 6)
-    sums_t = x.new_zeros(dim + 1, num_codes)  # rows 0..D-1: M^b transposed; row D: S
-    work = x.new_empty(min(rows, n), num_codes)
-    weights = x.new_ones(min(rows, n), dim + 1)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        xc, g = x[start:stop], work[: stop - start]
-        torch.addmm(bias, xc, codebook.t(), alpha=alpha, out=g)
-        module.row_sweep(g, code_bias, float(beta), bool(nearest), LOG_P_FLOOR, indices[start:stop],
-                         per_row[start:stop])
-        w = weights[: stop - start]
-        w[:, :dim] = xc
-        w[:, dim] = 1.0
-        w.div_(per_row[start:stop, _NORM : _NORM + 1])
-        sums_t.addmm_(w.t(), g)
+    indices, per_row, sums_t = module.chunk_loop(x, codebook, bias, code_bias, alpha, float(beta), bool(nearest),
+                                                 LOG_P_FLOOR, small, _workers(max(rows, small), small), 0)
     sq_rows = x.square().sum(1)
-    norm = per_row[:, _NORM]
     return {
         "indices": indices,
         "soft_counts": sums_t[dim].clone(),
         "soft_sums": sums_t[:dim].t().clone(),
         "min_dist": (per_row[:, _MIN_D] + sq_rows).clamp_(min=0.0),
         "hard_dist": (per_row[:, _HARD_D] + sq_rows).clamp_(min=0.0),
-        "entropy": norm.log() - per_row[:, _MEAN_B],
+        "entropy": per_row[:, _NORM].log() - per_row[:, _MEAN_B],
         "soft_dist": per_row[:, _SOFT_D] + sq_rows,
     }

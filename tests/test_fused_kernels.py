@@ -141,3 +141,20 @@ def test_triton_biases_give_row_and_column_lse(triton_results):
     # bias come from the same two kernels
     for name, err in triton_results["sinkhorn"].items():
         assert err <= 1e-5, f"{name}: max error {err:.2e}"
+
+
+def test_cpu_row_and_column_pass_biases():
+    # the CPU twins of the Triton two-pass API: row LSE with a per-code bias, column LSE and sums with
+    # a per-row bias, chunk boundaries that do not divide N, against dense torch.logsumexp
+    x, codebook, _ = _case(45, 90, 12, 1.0, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    v, u = torch.randn(90, generator=gen) * 3, torch.randn(45, generator=gen) * 3
+    a = -0.7 * (codebook.square().sum(1)[None, :] - 2.0 * x @ codebook.t())
+    r = _fused.row_pass(x, codebook, 0.7, v, rows=16)
+    c = _fused.col_pass(x, codebook, 0.7, v, u, rows=16)
+    z = a + v[None, :] + u[:, None]
+    torch.testing.assert_close(r["lse"], torch.logsumexp(a + v, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["argmax_a"], (a + v).argmax(1), rtol=0, atol=0)
+    torch.testing.assert_close(c["col_max"] + c["col_sum"].log(), torch.logsumexp(z, 0), rtol=1e-5, atol=1e-5)
+    p = (z - z.amax(0)).exp()
+    torch.testing.assert_close(c["sums"] * (c["col_max"] - z.amax(0)).exp()[:, None], p.t() @ x, rtol=1e-5, atol=1e-5)

@@ -331,3 +331,56 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
         "entropy": per_row[:, _NORM].log() - per_row[:, _MEAN_B],
         "soft_dist": per_row[:, _SOFT_D] + sq_rows,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The two-pass API of _triton.py on CPU (same arguments and results), for the balanced (Sinkhorn)
+# E-step: chunked torch code, memory-bounded like the rest (at most ``rows`` x K alive). The
+# standard E-step does not need it on CPU: its rows are independent, so soft_assign above gets the
+# row LSE and the per-code sums from one pass over each cached chunk.
+
+@torch.no_grad()
+def row_pass(x: Tensor, codebook: Tensor, beta: float, code_bias: Tensor | None = None, *, soft: bool = True,
+             rows: int = 2048) -> dict[str, Tensor]:
+    """CPU twin of ``_triton.row_pass``: per-row statistics of a = code_bias - beta d'."""
+    sq = codebook.square().sum(1)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, x.shape[0], rows):
+        d = torch.addmm(sq, x[start : start + rows], codebook.t(), alpha=-2.0)  # d' = d - ||x||^2
+        min_d, argmin_d = d.min(1)
+        out = {"min_d": min_d, "argmin_d": argmin_d}
+        if soft:
+            a = d.mul(-beta) if code_bias is None else torch.add(code_bias, d, alpha=-beta)
+            a_max, argmax_a = a.max(1)
+            lse = a_max + (a - a_max[:, None]).exp().sum(1).log()
+            p = (a - lse[:, None]).exp()
+            out.update(a_max=a_max, lse=lse, argmax_a=argmax_a, d_at_argmax=d.gather(1, argmax_a[:, None])[:, 0],
+                       mean_a=(p * a).sum(1), mean_d=(p * d).sum(1))
+        for name, value in out.items():
+            parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+@torch.no_grad()
+def col_pass(x: Tensor, codebook: Tensor, beta: float, code_bias: Tensor | None = None,
+             row_bias: Tensor | None = None, *, rows: int = 2048) -> dict[str, Tensor]:
+    """CPU twin of ``_triton.col_pass``: per-code col_max, col_sum = sum_x exp(z - col_max) and
+    sums = sum_x exp(z - col_max) x of z = code_bias - beta d' + row_bias (online over row chunks)."""
+    num_codes, dim = codebook.shape
+    sq = codebook.square().sum(1)
+    col_max = x.new_full((num_codes,), float("-inf"))
+    col_sum, sums = x.new_zeros(num_codes), x.new_zeros(num_codes, dim)
+    for start in range(0, x.shape[0], rows):
+        xc = x[start : start + rows]
+        z = torch.addmm(sq, xc, codebook.t(), alpha=-2.0).mul_(-beta)
+        if code_bias is not None:
+            z.add_(code_bias)
+        if row_bias is not None:
+            z.add_(row_bias[start : start + rows, None])
+        new_max = torch.maximum(col_max, z.amax(0))
+        rescale = (col_max - new_max).exp().nan_to_num_(0.0)  # -inf - -inf: nothing summed yet
+        p = z.sub_(new_max).exp_()
+        col_sum.mul_(rescale).add_(p.sum(0))
+        sums.mul_(rescale[:, None]).addmm_(p.t(), xc)
+        col_max = new_max
+    return {"col_max": col_max, "col_sum": col_sum, "sums": sums}

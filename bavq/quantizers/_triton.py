@@ -24,6 +24,9 @@ One kernel serves both E-step rules:
   All biases are relative to d' (the -beta ||x||^2 row constant is dropped everywhere), so u and v
   computed from these passes are consistent with each other.
 
+``bavq/quantizers/_fused.py`` has CPU twins with the same arguments and results (``row_pass``,
+``col_pass``; chunked torch code), so the balanced E-step can call ``_triton`` or ``_fused`` by device.
+
 Distances are computed with ``tl.dot(..., input_precision="ieee")`` (TF32 off, DESIGN.md Numerics)
 unless ``allow_tf32=True`` (``BAVQ_TRITON_TF32=1`` for the quantizer's calls). On this project's
 CPU-only build machine the kernels are checked with ``TRITON_INTERPRET=1`` against the eager

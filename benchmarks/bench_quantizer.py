@@ -14,6 +14,9 @@ torch.cuda.max_memory_allocated over the memory allocated before the steps.
 The library runs as VectorQuantize(dim=D, codebook_size=K, decay=0.99, rotation_trick=False,
 commitment_weight=0.25, accept_image_fmap=True): its plain EMA codebook with a straight-through
 estimator, the same job as our VQ-EMA (API checked against vector_quantize_pytorch 1.32 source).
+``vq_ema`` / ``ba_vq`` run with the fused kernels (``_ops.set_kernels("auto")``: the C++ sweep on
+CPU, Triton on CUDA); ``vq_ema_eager`` / ``ba_vq_eager`` are the same modules on the eager reference
+kernels, timed in the same process for the before/after ratio.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 
 import torch
 
-IMPLS = ("vq_ema", "ba_vq", "library")
+IMPLS = ("vq_ema", "ba_vq", "library", "vq_ema_eager", "ba_vq_eager")
 
 
 def _build(impl: str, num_codes: int, dim: int) -> torch.nn.Module:
@@ -38,10 +41,14 @@ def _build(impl: str, num_codes: int, dim: int) -> torch.nn.Module:
                               commitment_weight=0.25, accept_image_fmap=True)
     from bavq.quantizers import BAVQ, VQEMA
 
-    return (VQEMA if impl == "vq_ema" else BAVQ)(num_codes, dim, decay=0.99, commitment=0.25)
+    return (VQEMA if impl.startswith("vq_ema") else BAVQ)(num_codes, dim, decay=0.99, commitment=0.25)
 
 
 def _step(module: torch.nn.Module, impl: str, z: torch.Tensor) -> None:
+    if impl != "library":
+        from bavq.quantizers import _ops
+
+        _ops.set_kernels("eager" if impl.endswith("_eager") else "auto")
     if impl == "library":
         quantized, _, loss = module(z)
     else:
@@ -119,7 +126,8 @@ def _worker(cmd: list[str]):
 
 def measure(num_codes: int, dim: int, args) -> dict:
     """{impl: {"ms": ..., "peak_mib": ...}} for one (K, D); NaN where a worker failed."""
-    common = ["--rows", str(args.rows), "--repeats", str(args.repeats), "--device", args.device]
+    common = ["--rows", str(args.rows), "--repeats", str(args.repeats), "--device", args.device,
+              "--threads", str(args.threads)]
     times = _worker(["--worker", "time", str(num_codes), str(dim), *common]) or {}
     result = {}
     for impl in IMPLS:
@@ -133,17 +141,19 @@ def _ratio(a: float, b: float) -> str:
 
 
 def print_table(results: dict, device: str, rows: int) -> None:
-    print(f"\nforward+backward, N = {rows} vectors, device = {device}; time in ms, peak extra memory in MiB")
-    header = (f"{'K':>6} {'D':>4} | {'vq_ema ms':>9} {'ba_vq ms':>9} {'lib ms':>9} | {'vq/lib':>6} "
-              f"{'ba/vq':>6} | {'vq MiB':>8} {'ba MiB':>8} {'lib MiB':>8} | {'vq/lib':>6} {'ba/lib':>6}")
+    print(f"\nforward+backward, N = {rows} vectors, device = {device}; time in ms, peak extra memory in MiB;"
+          " ours with fused kernels, (eager) = the same module on the eager reference kernels")
+    header = (f"{'K':>6} {'D':>4} | {'vq_ema ms':>9} {'ba_vq ms':>9} {'lib ms':>9} {'vq eager':>9} {'ba eager':>9} | "
+              f"{'vq/lib':>6} {'ba/vq':>6} {'ba/vq eager':>11} | {'vq MiB':>8} {'ba MiB':>8} {'lib MiB':>8} "
+              f"{'vq e MiB':>8} {'ba e MiB':>8}")
     print(header)
     print("-" * len(header))
     for (num_codes, dim), res in results.items():
-        vq, ba, lib = (res[i] for i in IMPLS)
-        print(f"{num_codes:>6} {dim:>4} | {vq['ms']:9.1f} {ba['ms']:9.1f} {lib['ms']:9.1f} | "
-              f"{_ratio(vq['ms'], lib['ms']):>6} {_ratio(ba['ms'], vq['ms']):>6} | "
-              f"{vq['peak_mib']:8.1f} {ba['peak_mib']:8.1f} {lib['peak_mib']:8.1f} | "
-              f"{_ratio(vq['peak_mib'], lib['peak_mib']):>6} {_ratio(ba['peak_mib'], lib['peak_mib']):>6}")
+        vq, ba, lib, vqe, bae = (res[i] for i in IMPLS)
+        print(f"{num_codes:>6} {dim:>4} | {vq['ms']:9.1f} {ba['ms']:9.1f} {lib['ms']:9.1f} {vqe['ms']:9.1f} "
+              f"{bae['ms']:9.1f} | {_ratio(vq['ms'], lib['ms']):>6} {_ratio(ba['ms'], vq['ms']):>6} "
+              f"{_ratio(bae['ms'], vqe['ms']):>11} | {vq['peak_mib']:8.1f} {ba['peak_mib']:8.1f} "
+              f"{lib['peak_mib']:8.1f} {vqe['peak_mib']:8.1f} {bae['peak_mib']:8.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,12 +164,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 repeats per case")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads in every worker (0 = torch's default); 1 on a busy shared CPU, "
+                             "where OpenMP barriers wait for descheduled threads")
     parser.add_argument("--worker", nargs=3, metavar=("WHAT", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rows % 1024:
         parser.error("--rows must be a multiple of 1024 (the input is (N / 1024, D, 32, 32))")
     if args.quick:
         args.repeats = 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         what, num_codes, dim = args.worker[0], int(args.worker[1]), int(args.worker[2])
         if what == "time":
@@ -174,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"K={num_codes} D={dim}: " + ", ".join(f"{i} {res[i]['ms']:.0f} ms" for i in IMPLS),
                   flush=True)
     print_table(results, args.device, args.rows)
+    print(f"torch threads per worker: {args.threads or 'default'}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ Sections (each one is written to the JSON as soon as it finishes, so a timeout k
    GAN weight, no LPIPS because no weights file is at hand) in bf16 autocast with each quantizer:
    images/s and ``torch.cuda.max_memory_allocated``.
 3. **kernel**: ``benchmarks/bench_kernel.py`` at N = 65,536, K = 16,384, D = 8 and 256 against
-   this GPU's own fp32 ``torch.mm`` rate (TF32 off) of the same sizes.
+   this GPU's own fp32 ``torch.mm`` rate (TF32 off) of the same sizes (eager and fused kernels).
+0. **fused_check** (runs first): the fused E-step (Triton on CUDA, the C++ sweep on CPU) against the
+   eager reference at K = 16,384: share of equal hard codes and the largest statistic error relative
+   to the reference's scale, for lambda in {0, 1}, both assignment rules, D = 8 and 256.
 
 Synthetic data only. ``webdataset``, ``wandb`` and ``deepspeed`` are blocked at import (they are not
 installed on the GPU machine), so a stray import fails here, on CPU, first. ``--dry-run`` runs the
@@ -152,6 +155,33 @@ def kernel_bench(device: torch.device, size: dict) -> dict:
                             size["repeats"], size["peak"], size["sweep"])
 
 
+def fused_check(device: torch.device, size: dict) -> list[dict]:
+    """Fused vs eager E-step on this device (the first real run of the Triton kernels)."""
+    from bavq.quantizers import _ops
+
+    out = []
+    n, num_codes = min(size["num_vectors"], 8192), size["num_codes"]
+    for dim in size["dims"]:
+        gen = torch.Generator().manual_seed(dim)
+        x = torch.randn(n, dim, generator=gen).to(device)
+        codebook = torch.randn(num_codes, dim, generator=gen).to(device)
+        log_weight = (torch.rand(num_codes, generator=gen) + 0.05).log().to(device)
+        for lam, assign in ((1.0, "nearest"), (0.0, "nearest"), (0.0, "map")):
+            args = (x, codebook, None if lam == 1.0 else (1.0 - lam) * log_weight, 16.0 / dim, 2048)
+            with _ops.fp32_math(device.type):
+                fused = _ops.soft_assign(*args, nearest=assign == "nearest")
+                previous = _ops.set_kernels("eager")
+                ref = _ops.soft_assign(*args, nearest=assign == "nearest")
+                _ops.set_kernels(previous)
+            errors = {f: float((getattr(fused, f) - getattr(ref, f)).abs().max()
+                               / getattr(ref, f).abs().max().clamp_min(1e-30))
+                      for f in ("soft_counts", "soft_sums", "min_dist", "hard_dist", "entropy", "soft_dist")}
+            out.append({"D": dim, "lambda": lam, "assign": assign, "max_rel_error": max(errors.values()),
+                        "errors": errors,
+                        "indices_equal_fraction": float((fused.indices == ref.indices).float().mean())})
+    return out
+
+
 def _mib(num_bytes: int | None) -> str:
     return "n/a" if num_bytes is None else f"{num_bytes / 2**20:,.0f} MiB"
 
@@ -170,6 +200,9 @@ def summary_text(result: dict) -> str:
                      f"K={r['num_codes']}: "
                      f"{r['images_per_s']:.1f} img/s ({r['step_ms']:.1f} ms/step), "
                      f"peak {_mib(r['peak_mem_bytes'])}")
+    for r in result.get("fused_check") or []:
+        lines.append(f"fused E-step vs eager D={r['D']:3d} lambda={r['lambda']:g} {r['assign']:7s}: "
+                     f"{r['indices_equal_fraction']:.4%} equal codes, max error {r['max_rel_error']:.1e}")
     kernel = result.get("kernel")
     if kernel:
         lines.append(f"fp32 matmul peak (TF32 off) {kernel['peak_matmul_flops'] / 1e12:.2f} TFLOP/s")
@@ -210,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     size = dict(SIZES["dry" if args.dry_run else "full"])
     if args.batch:
         size["batch"] = args.batch
-    result = {"meta": environment(device, args.dry_run), "sizes": size, "quantizer": None,
+    result = {"meta": environment(device, args.dry_run), "sizes": size, "fused_check": None, "quantizer": None,
               "vqgan_step": None, "kernel": None, "errors": [], "seconds": {}}
-    sections = {"quantizer": quantizer_bench, "vqgan_step": vqgan_step_bench, "kernel": kernel_bench}
+    sections = {"fused_check": fused_check, "quantizer": quantizer_bench, "vqgan_step": vqgan_step_bench,
+                "kernel": kernel_bench}
     for name, fn in sections.items():
         start = time.perf_counter()
         try:

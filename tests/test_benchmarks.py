@@ -116,8 +116,11 @@ def test_gpu_check_script_dry_run_writes_every_field(tmp_path):
     for dim in result["kernel"]["dims"]:
         for kernel in dim["kernels"].values():
             assert kernel["efficiency_vs_matmul"] > 0
+    assert len(result["fused_check"]) == 6
+    for row in result["fused_check"]:
+        assert row["indices_equal_fraction"] == 1.0 and row["max_rel_error"] <= 1e-5, row
     summary = (tmp_path / "gpu_check.txt").read_text()
-    assert "img/s" in summary and "of torch.mm" in summary
+    assert "img/s" in summary and "of torch.mm" in summary and "fused E-step vs eager" in summary
 
 
 def test_gpu_check_blocks_modules_absent_on_the_gpu_machine():

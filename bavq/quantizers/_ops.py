@@ -6,12 +6,18 @@ at a time. The buffers are allocated once per call and reused (``out=``): on CPU
 allocation per chunk costs page faults that tripled the time of the distance matmul.
 Squared distances use ``||x||^2 - 2 x e^T + ||e||^2`` through ``addmm``; since ``||x||^2`` is a
 row constant it is left out of the (chunk x K) matrix and added to the per-row results only.
+
+Fused kernels (issue 15): ``soft_assign`` and ``nearest_codes`` first try a fused path
+(``_fused.py``: a C++ sweep on CPU; ``_triton.py``: a two-pass Triton kernel on CUDA) and run the
+eager code below, the reference, when none applies. ``BAVQ_KERNELS=eager`` in the environment or
+``set_kernels("eager")`` forces the eager code; ``set_kernels("auto")`` is the default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +66,35 @@ def from_rows(rows: Tensor, shape: torch.Size) -> Tensor:
 LOG_P_FLOOR = -80.0
 
 
+_KERNELS = {"mode": os.environ.get("BAVQ_KERNELS", "auto")}
+
+
+def set_kernels(mode: str) -> str:
+    """Select "auto" (fused kernels where they apply) or "eager" (always the eager reference);
+    returns the previous mode."""
+    if mode not in ("auto", "eager"):
+        raise ValueError(f"kernels must be 'auto' or 'eager', got '{mode}'")
+    previous, _KERNELS["mode"] = _KERNELS["mode"], mode
+    return previous
+
+
+def _fused_backend(x: Tensor, codebook: Tensor):
+    """The module serving fused kernels for these tensors (``_fused`` or ``_triton``), or None."""
+    if _KERNELS["mode"] == "eager" or x.dtype != torch.float32 or codebook.dtype != torch.float32:
+        return None
+    if x.shape[0] == 0 or x.device != codebook.device:
+        return None
+    if x.device.type == "cuda":
+        from bavq.quantizers import _triton
+
+        return _triton if _triton.available() else None
+    if x.device.type == "cpu":
+        from bavq.quantizers import _fused
+
+        return _fused
+    return None
+
+
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-row inner product of two (n, K) matrices without an (n, K) temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -71,6 +106,11 @@ def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tenso
 
     Returns (indices (N,) int64, squared distance to the nearest code (N,)).
     """
+    backend = _fused_backend(x, codebook)
+    if backend is not None:  # CPU: the same code in cache-sized chunks; CUDA: Triton's row pass
+        fused = backend.nearest_codes(x, codebook, rows)
+        if fused is not None:
+            return fused
     n, num_codes = x.shape[0], codebook.shape[0]
     sq_codes = codebook.square().sum(1)
     indices = torch.empty(n, dtype=torch.int64, device=x.device)
@@ -159,6 +199,23 @@ def _column_max_(col_max: Tensor, w: Tensor) -> None:
 
 
 @torch.no_grad()
+def reached_codes(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: float, rows: int) -> Tensor:
+    """(K,) 1.0 where some row of x gives code k log-odds max_x (a(x,k) - max_j a(x,j)) above
+    LOG_P_FLOOR, else 0.0 -- the ``reached`` field of :func:`soft_assign`, chunked."""
+    num_codes = codebook.shape[0]
+    bias = -beta * codebook.square().sum(1)
+    if log_weight is not None:
+        bias = bias + log_weight
+    best_b = x.new_full((num_codes,), -math.inf)
+    work = x.new_empty(min(rows, x.shape[0]), num_codes)
+    for start in range(0, x.shape[0], rows):
+        a = work[: min(start + rows, x.shape[0]) - start]
+        torch.addmm(bias, x[start : start + rows], codebook.t(), alpha=2.0 * beta, out=a)
+        _column_max_(best_b, a.sub_(a.amax(1, keepdim=True)))
+    return (best_b > LOG_P_FLOOR).to(x.dtype)
+
+
+@torch.no_grad()
 def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: float, rows: int,
                 nearest: bool) -> SoftStats:
     """BA E-step over rows of x (N, D): a(x,k) = log_weight_k - beta d(x,k), p = softmax_k a.
@@ -171,6 +228,13 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
     rows, max_x (a(x,k) - max_j a(x,j)), is above LOG_P_FLOOR: the others get zero mass in fp32 (up
     to the floor) and cannot move; a column max per chunk detects them exactly.
     """
+    backend = _fused_backend(x, codebook)
+    if backend is not None:
+        fused = backend.soft_assign(x, codebook, log_weight, beta, rows, nearest)
+        if fused is not None:
+            # The fused kernels do not yet return the column maximum behind ``reached`` (a
+            # diagnostic): one extra chunked pass computes it (TODO: fold it into the kernels).
+            return SoftStats(**fused, reached=reached_codes(x, codebook, log_weight, beta, rows))
     n, dim = x.shape
     num_codes = codebook.shape[0]
     sq_codes = codebook.square().sum(1)

@@ -192,7 +192,7 @@ class BAVQ(Quantizer):
         st = _ops.soft_assign(rows, self.codebook, log_weight, beta, self.rows_per_chunk,
                               nearest=self.assign == "nearest")
         counts = torch.bincount(st.indices, minlength=self.num_codes).to(rows.dtype)
-        scalars = torch.stack([torch.tensor(float(rows.shape[0]), device=rows.device), st.min_dist.sum(),
+        scalars = torch.stack([rows.new_full((), rows.shape[0]), st.min_dist.sum(),
                                st.hard_dist.sum(), st.entropy.sum(), st.soft_dist.sum()])
         parts = [st.soft_counts, st.soft_sums.reshape(-1), counts, st.reached]
         if self.beta_mode == "anneal":
@@ -225,7 +225,7 @@ class BAVQ(Quantizer):
         loss scaled by R (the data-parallel gradient average divides it back), so R ranks equal one
         process that saw the whole batch. Every rank returns the same (global) value.
         """
-        totals = torch.cat([st.soft_counts, torch.stack([st.entropy.sum(), st.entropy.new_tensor(x.shape[0])])])
+        totals = torch.cat([st.soft_counts, torch.stack([st.entropy.sum(), st.entropy.new_full((), x.shape[0])])])
         dist.all_reduce_sum(totals)
         n_global = totals[-1].clamp_min(1.0)
         mean_p = totals[:-2] / n_global

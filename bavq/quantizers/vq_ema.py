@@ -25,7 +25,7 @@ class VQEMA(Quantizer):
         rows = x.detach()
         indices, min_dist = _ops.nearest_codes(rows, self.codebook, self.rows_per_chunk)
         counts, sums = _ops.hard_sums(rows, indices, self.num_codes)
-        scalars = torch.stack([torch.tensor(float(rows.shape[0]), device=rows.device), min_dist.sum()])
+        scalars = torch.stack([rows.new_full((), rows.shape[0]), min_dist.sum()])
         return indices, torch.cat([counts, sums.reshape(-1), scalars]), None
 
     def _eval_indices(self, x: Tensor) -> Tensor:

@@ -93,7 +93,8 @@ def test_cpu_fused_matches_eager_at_k16384(lam):
 def test_cpu_fused_large_dim():
     x, codebook, log_weight = _case(300, 200, 256, 2.0, seed=2)
     args = (x, codebook, log_weight, 0.05, 128)
-    assert_stats_match(_ops.SoftStats(**_fused.soft_assign(*args, nearest=False), reached=None), _eager(*args, nearest=False))
+    fused = _ops.SoftStats(**_fused.soft_assign(*args, nearest=False), reached=None)
+    assert_stats_match(fused, _eager(*args, nearest=False))
 
 
 def test_eager_flag_and_fallback(monkeypatch):

@@ -116,8 +116,9 @@ def test_run_continues_after_failure_skips_done_and_reports(tmp_path, capsys, mo
     assert log.read_text().startswith("$ ") and "-m bavq.train" in log.read_text()
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert len(summary["runs"]) == 7
+    # labelled by the sweep file's variant names (bavq-sweep writes RUN/sweep.json)
     assert {(g["variant"], g["num_codes"], g["n"]) for g in summary["groups"]} == {
-        ("VQ-EMA", 16, 2), ("VQ-EMA", 32, 2), ("BA-VQ (λ=2)", 16, 1), ("BA-VQ (λ=2)", 32, 2)}
+        ("vq", 16, 2), ("vq", 32, 2), ("ba", 16, 1), ("ba", 32, 2)}
 
     calls.clear()  # second pass: only the failed cell runs again, and now succeeds
     monkeypatch.setattr(sweep_mod.subprocess, "run", fake_trainer(set(), calls))

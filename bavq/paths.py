@@ -86,3 +86,13 @@ def check_resume_plan(folder: str | Path, plan_path: str | Path, plan: dict, wha
                               f"use another {option} or delete it")
     elif write:
         write_json(path, plan)
+
+
+def completed_record(folder: str | Path, state_dir: str, name: str) -> dict | None:
+    """The bookkeeping record of the finished output file ``folder/name`` (kept as
+    ``folder/state_dir/name.json`` by a resumable writer), or None when it must be (re)written."""
+    folder = Path(folder)
+    path = folder / state_dir / f"{name}.json"
+    if not (folder / name).is_file() or not path.is_file():
+        return None
+    return json.loads(path.read_text())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
 import sys
 import time
@@ -40,7 +39,8 @@ from bavq.data.prep import MTIME
 from bavq.data.shards import ErrorCounter, ReadShards, expand_urls, sample_image_bytes, split_by_rank
 from bavq.data.sources import decode_image
 from bavq.data.transforms import eval_transform
-from bavq.paths import check_resume_plan, write_json
+from bavq.paths import check_resume_plan, completed_record, write_json
+from bavq.progress import progress as make_progress
 from bavq.tokenizer import Tokenizer
 
 PROG = "bavq-tokenize"
@@ -171,10 +171,7 @@ class UnitWriter:
 
 
 def _record(out: Path, name: str) -> dict | None:
-    path = out / STATE_DIR / f"{name}.json"
-    if not (out / name).is_file() or not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    return completed_record(out, STATE_DIR, name)
 
 
 def tokenize_units(tokenizer: Tokenizer, reader: UnitReader, out: Path, workers: int, progress) -> int:
@@ -193,34 +190,6 @@ def tokenize_units(tokenizer: Tokenizer, reader: UnitReader, out: Path, workers:
         if end is not None:
             writers.pop(name).finish(end)
     return written
-
-
-# ----------------------------------------------------------------------------- progress
-class Progress:
-    """tqdm on a terminal; otherwise a plain line every ``every`` seconds (logs of batch jobs)."""
-
-    def __init__(self, total: int | None, enabled: bool, every: float = 30.0):
-        self.total, self.every, self.done, self.start = total, every, 0, time.time()
-        self.last = self.start
-        self.enabled, self.bar = enabled, None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", unit_scale=True, desc=f"{PROG} (rank 0)", dynamic_ncols=True)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and time.time() - self.last >= self.every:
-            self.last = time.time()
-            of = f"/{self.total}" if self.total is not None else ""
-            rate = self.done / max(self.last - self.start, 1e-9)
-            print(f"{PROG}: rank 0: {self.done}{of} images, {rate:.0f} img/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -305,7 +274,8 @@ def run(args) -> int:
     mine = list(split_by_rank(units, rank, world))
     pending = [u for u in mine if _record(out, u.name) is None]
     total = _pending_samples(pending, out)
-    progress = Progress(total, args.progress and rank == 0)
+    progress = make_progress(total=total, desc=f"{PROG} (rank 0)", unit="img", enabled=args.progress and rank == 0,
+                             unit_scale=True)
     start = time.time()
     reader = UnitReader(pending, split, eval_transform(tokenizer.config.data), args.batch_size)
     written = tokenize_units(tokenizer, reader, out, args.workers, progress)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import random
@@ -37,7 +36,7 @@ from bavq import __version__
 from bavq.config import ConfigError, DataConfig
 from bavq.data import sources
 from bavq.data.transforms import EncodeOptions, encode_image
-from bavq.paths import check_resume_plan, write_json
+from bavq.paths import check_resume_plan, completed_record, write_json
 
 MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed member mtime so the same input gives the same tar bytes
 STATE_DIR = ".bavq-prep"
@@ -275,10 +274,7 @@ def _next_done(pending: deque) -> dict:
 # ----------------------------------------------------------------------------- a whole run
 def _record(output: Path, name: str) -> dict | None:
     """The bookkeeping record of a finished shard, or None when the shard must be (re)written."""
-    path = output / STATE_DIR / f"{name}.json"
-    if not (output / name).is_file() or not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    return completed_record(output, STATE_DIR, name)
 
 
 def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

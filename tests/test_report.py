@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from bavq.config import load_config, save_config
-from bavq.report import main, read_history, variant_label, write_report
+from bavq.report import main, write_report
+from bavq.report.collect import read_history, variant_label
 
 
 def make_run(root, name, *, quantizer="vq_ema", k=64, seed=0, usage=0.5, psnr=25.0, rfid=None, init="random",
@@ -172,13 +173,13 @@ def test_unreadable_final_metrics_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_training_curves_use_each_runs_logged_key_and_the_final_evaluation(tmp_path, monkeypatch):
-    import bavq.report as report
+    import bavq.report.plot as report_plot
 
     make_run(tmp_path, "old_s0", seed=0, steps=(0, 50, 100))
     make_run(tmp_path, "new_s0", seed=0, steps=(0, 50, 100), usage=0.6, usage_key="quantizer/usage_window")
     make_run(tmp_path, "new_s1", seed=1, steps=(0, 50, 100), usage=0.8, usage_key="quantizer/usage_window")
     panels = {}
-    original = report._finish
+    original = report_plot._finish
 
     def rounded(values):
         return tuple(round(float(v), 6) for v in values)
@@ -188,7 +189,7 @@ def test_training_curves_use_each_runs_logged_key_and_the_final_evaluation(tmp_p
                                                 for line in ax.get_lines()]) for ax in axes.values()]
         original(fig, axes, path, *args)
 
-    monkeypatch.setattr(report, "_finish", spy)
+    monkeypatch.setattr(report_plot, "_finish", spy)
     write_report([str(tmp_path)], tmp_path / "out")
     [(ylabel, lines)] = panels["usage_over_steps.png"]
     assert "train/window_usage" in ylabel and "quantizer/usage_window" in ylabel

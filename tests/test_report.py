@@ -15,7 +15,7 @@ from bavq.report.collect import read_history, variant_label
 
 
 def make_run(root, name, *, quantizer="vq_ema", k=64, seed=0, usage=0.5, psnr=25.0, rfid=None, init="random",
-             threshold=0.0, lam=1.0, extra=(), steps=(0, 50, 100), grid=True, usage_key="train/window_usage"):
+             threshold=0.0, lam=1.0, extra=(), steps=(0, 50, 100), grid=True, usage_key="quantizer/usage_window"):
     """A run folder as the trainer leaves it: config.yaml, metrics.jsonl, final_metrics.json,
     code_histogram.npy and reconstructions.png."""
     cfg = load_config(None, [f"quantizer.name={quantizer}", f"quantizer.num_codes={k}", f"quantizer.init={init}",
@@ -28,7 +28,7 @@ def make_run(root, name, *, quantizer="vq_ema", k=64, seed=0, usage=0.5, psnr=25
     for i, step in enumerate(steps):
         row = {"step": step, "total": 1.0 / (i + 1), "rec_loss": 0.5, "quant_loss": None, "lr": 2e-4,
                "samples_seen": 64 * step, "samples_per_s": 100.0, usage_key: usage * (i + 1) / len(steps),
-               "train/window_perplexity": 10.0 * (i + 1), "quantizer/perplexity": 9.0}
+               "quantizer/perplexity": 9.0}
         if quantizer == "ba_vq":
             row["quantizer/beta"] = 2.0 * (i + 1)
         if i == len(steps) - 2:  # an eval row; the final evaluation is in final_metrics.json
@@ -175,7 +175,7 @@ def test_unreadable_final_metrics_is_a_one_line_error(tmp_path, capsys):
 def test_training_curves_use_each_runs_logged_key_and_the_final_evaluation(tmp_path, monkeypatch):
     import bavq.report.plot as report_plot
 
-    make_run(tmp_path, "old_s0", seed=0, steps=(0, 50, 100))
+    make_run(tmp_path, "batch_s0", seed=0, steps=(0, 50, 100), usage_key="quantizer/usage")
     make_run(tmp_path, "new_s0", seed=0, steps=(0, 50, 100), usage=0.6, usage_key="quantizer/usage_window")
     make_run(tmp_path, "new_s1", seed=1, steps=(0, 50, 100), usage=0.8, usage_key="quantizer/usage_window")
     panels = {}
@@ -192,7 +192,7 @@ def test_training_curves_use_each_runs_logged_key_and_the_final_evaluation(tmp_p
     monkeypatch.setattr(report_plot, "_finish", spy)
     write_report([str(tmp_path)], tmp_path / "out")
     [(ylabel, lines)] = panels["usage_over_steps.png"]
-    assert "train/window_usage" in ylabel and "quantizer/usage_window" in ylabel
+    assert ylabel.endswith("(lines: quantizer/usage_window, quantizer/usage)")  # window first, per batch second
     steps = (0.0, 50.0, 100.0)
     for usage in (0.5, 0.6, 0.8):  # one line per run, whichever key it logged
         assert (steps, rounded(100 * usage * i / 3 for i in (1, 2, 3))) in lines

@@ -10,9 +10,10 @@ import numpy as np
 
 from bavq.report.collect import Run, by_variant_k, sort_key
 
-# Training curves: the first key that any run logged (window metrics first, per-batch ones as a fallback).
-USAGE_KEYS = ("train/window_usage", "quantizer/usage_window", "quantizer/usage")
-PERPLEXITY_KEYS = ("train/window_perplexity", "quantizer/window_perplexity", "quantizer/perplexity")
+# Training curves: the first key that a run logged. The trainer logs the quantizer's sliding-window
+# usage and the per-batch usage (the fallback); its only training perplexity is the per-batch one.
+USAGE_KEYS = ("quantizer/usage_window", "quantizer/usage")
+PERPLEXITY_KEYS = ("quantizer/perplexity",)
 PLOTS = {"usage": "usage_over_steps.png", "perplexity": "perplexity_over_steps.png",
          "frequency": "code_frequency.png", "scatter": "psnr_vs_usage.png"}
 LEGEND_FONT = 8  # points; legends sit outside the axes, so they never hide data

@@ -26,12 +26,10 @@ from torch import Tensor
 from bavq import dist
 from bavq.metrics import entropy_of_counts
 from bavq.quantizers import _ops
-from bavq.quantizers.base import Quantizer, _require
+from bavq.quantizers.base import Quantizer
+from bavq.quantizers.checks import check_ba_vq_args
 
 _NUM_SCALARS = 5  # vectors, sum min d, sum d(x, index(x)), sum H(p(.|x)), sum_x sum_k p d
-BETA_MODES = ("anneal", "adaptive", "fixed")
-ESTEPS = ("softmax", "balanced")
-BALANCE_TARGETS = ("uniform", "prior")
 
 
 def geometric(start: float, end: float, step: int, steps: int) -> float:
@@ -94,22 +92,6 @@ class BAVQ(Quantizer):
                  anneal_start_nats: float = 1.0, anneal_end_nats: float = 32.0, anneal_rate: float = 0.5,
                  estep: str = "softmax", balance_iters: int = 3, balance_target: str = "uniform", **common):
         super().__init__(num_codes, code_dim, **common)
-        _require(beta_mode in BETA_MODES, f"beta_mode must be one of {', '.join(BETA_MODES)}, got '{beta_mode}'")
-        _require(0 < anneal_start_nats < anneal_end_nats,
-                 f"need 0 < anneal_start_nats < anneal_end_nats, got {anneal_start_nats}, {anneal_end_nats}")
-        _require(0 < anneal_rate <= 1, f"anneal_rate must be in (0, 1], got {anneal_rate}")
-        _require(estep in ESTEPS, f"estep must be one of {', '.join(ESTEPS)}, got '{estep}'")
-        _require(balance_iters >= 1, f"balance_iters must be >= 1, got {balance_iters}")
-        _require(balance_target in BALANCE_TARGETS,
-                 f"balance_target must be one of {', '.join(BALANCE_TARGETS)}, got '{balance_target}'")
-        _require(min(beta_start, beta_end, adaptive_c_start, adaptive_c_end) > 0,
-                 "beta_start, beta_end, adaptive_c_start and adaptive_c_end must be > 0")
-        _require(beta_anneal_steps >= 0, f"beta_anneal_steps must be >= 0, got {beta_anneal_steps}")
-        _require(max_beta_growth > 0, f"max_beta_growth must be > 0, got {max_beta_growth}")
-        _require(entropy_weight >= 0, f"entropy_weight must be >= 0, got {entropy_weight}")
-        _require(prior_floor > 0, f"prior_floor must be > 0, got {prior_floor}")
-        _require(assign in ("nearest", "map"), f"assign must be 'nearest' or 'map', got '{assign}'")
-        _require(entropy_loss_weight >= 0, f"entropy_loss_weight must be >= 0, got {entropy_loss_weight}")
         self.beta_mode, self.beta_start, self.beta_end = beta_mode, beta_start, beta_end
         self.beta_anneal_steps, self.max_beta_growth = beta_anneal_steps, max_beta_growth
         self.adaptive_c_start, self.adaptive_c_end = adaptive_c_start, adaptive_c_end
@@ -118,6 +100,7 @@ class BAVQ(Quantizer):
         self.anneal_start_nats, self.anneal_end_nats = anneal_start_nats, anneal_end_nats
         self.anneal_rate = anneal_rate
         self.estep, self.balance_iters, self.balance_target = estep, balance_iters, balance_target
+        check_ba_vq_args(self)
         self.register_buffer("log_prior", torch.full((num_codes,), -math.log(num_codes)))
         self.register_buffer("beta", torch.tensor(beta_start if beta_mode == "fixed" else 0.0))
         self.register_buffer("d_hat", torch.tensor(-1.0))

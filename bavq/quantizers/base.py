@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from bavq import dist
 from bavq.metrics import WindowUsage, entropy_of_counts
 from bavq.quantizers import _ops
+from bavq.quantizers.checks import check_codebook_args
 
 _PURPOSE_INIT, _PURPOSE_RESTART, _PURPOSE_RANDOM = 1, 2, 3
 
@@ -36,11 +37,6 @@ class QuantizerOutput:
     indices: Tensor  # (B, *spatial) int64
     loss: Tensor  # scalar added to the generator loss (commitment, optional entropy term)
     metrics: dict[str, Tensor] = field(default_factory=dict)  # 0-dim tensors for logging
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 class Quantizer(nn.Module):
@@ -60,6 +56,9 @@ class Quantizer(nn.Module):
         l2_normalize: quantize unit vectors with unit codes (inputs and codes normalized).
         seed: seed of every random draw (init, restarts); identical on all ranks by design.
         usage_window: tokens in the sliding window of the ``usage_window`` metric.
+
+    A bad argument raises :class:`~bavq.config.ConfigError` (a ValueError) naming its config key,
+    ``quantizer.<argument>``, from the rules in :mod:`bavq.quantizers.checks`.
     """
 
     auto_update: bool
@@ -69,19 +68,12 @@ class Quantizer(nn.Module):
                  init: str = "random", dead_code_threshold: float = 0.0, l2_normalize: bool = False,
                  seed: int = 0, usage_window: int = 65536):
         super().__init__()
-        _require(num_codes >= 2, f"num_codes must be >= 2, got {num_codes}")
-        _require(code_dim >= 1, f"code_dim must be >= 1, got {code_dim}")
-        _require(0.0 <= decay < 1.0, f"decay must be in [0, 1), got {decay}")
-        _require(eps > 0, f"eps must be > 0, got {eps}")
-        _require(commitment >= 0, f"commitment must be >= 0, got {commitment}")
-        _require(chunk_size > 0 and chunk_budget_mib > 0, "chunk_size and chunk_budget_mib must be > 0")
-        _require(init in ("random", "data"), f"init must be 'random' or 'data', got '{init}'")
-        _require(dead_code_threshold >= 0, f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
         self.num_codes, self.code_dim = num_codes, code_dim
         self.decay, self.eps, self.commitment = decay, eps, commitment
         self.chunk_size, self.chunk_budget_mib = chunk_size, chunk_budget_mib
         self.init, self.dead_code_threshold = init, dead_code_threshold
         self.l2_normalize, self.seed = l2_normalize, seed
+        check_codebook_args(self)
         self.auto_update = True
 
         generator = _ops.shared_generator(seed, 0, _PURPOSE_RANDOM)

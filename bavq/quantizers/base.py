@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bavq import dist
 from bavq.metrics import WindowUsage, entropy_of_counts
-from bavq.quantizers import _ops
+from bavq.quantizers import _ops, _sampling
 from bavq.quantizers.checks import check_codebook_args
 
 _PURPOSE_INIT, _PURPOSE_RESTART, _PURPOSE_RANDOM = 1, 2, 3
@@ -76,7 +76,7 @@ class Quantizer(nn.Module):
         check_codebook_args(self)
         self.auto_update = True
 
-        generator = _ops.shared_generator(seed, 0, _PURPOSE_RANDOM)
+        generator = _sampling.shared_generator(seed, 0, _PURPOSE_RANDOM)
         codes = torch.randn(num_codes, code_dim, generator=generator)
         if l2_normalize:
             codes = F.normalize(codes, dim=1)
@@ -178,9 +178,9 @@ class Quantizer(nn.Module):
         """Codes drawn from the first global batch, identically on every rank (collective).
 
         When K exceeds the global batch's rows, rows are drawn with replacement and the repeated
-        copies get small noise (:func:`_ops.jitter_duplicates`), so the K codes are distinct."""
-        generator = _ops.shared_generator(self.seed, int(self.step), _PURPOSE_INIT)
-        codes = _ops.jitter_duplicates(_ops.sample_global_rows(x, self.num_codes, generator), generator)
+        copies get small noise (:func:`_sampling.jitter_duplicates`), so the K codes are distinct."""
+        generator = _sampling.shared_generator(self.seed, int(self.step), _PURPOSE_INIT)
+        codes = _sampling.jitter_duplicates(_sampling.sample_global_rows(x, self.num_codes, generator), generator)
         if self.l2_normalize:
             codes = F.normalize(codes, dim=1)
         self.codebook.copy_(codes)
@@ -200,8 +200,8 @@ class Quantizer(nn.Module):
         num_dead = int(dead.sum())
         if num_dead == 0:
             return torch.zeros((), device=self.codebook.device)
-        generator = _ops.shared_generator(self.seed, int(self.step), _PURPOSE_RESTART)
-        fresh = _ops.sample_global_rows(torch.cat(self._pool), num_dead, generator)
+        generator = _sampling.shared_generator(self.seed, int(self.step), _PURPOSE_RESTART)
+        fresh = _sampling.sample_global_rows(torch.cat(self._pool), num_dead, generator)
         self.codebook[dead] = fresh
         self.ema_count[dead] = self.dead_code_threshold
         self.ema_sum[dead] = fresh * self.dead_code_threshold

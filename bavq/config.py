@@ -1,14 +1,13 @@
 """One typed configuration tree for every bavq entry point.
 
 YAML files set fields of these dataclasses, the command line adds ``key.sub=value`` overrides,
-and each section's ``validate()`` rejects out-of-range values. Every problem is raised as a
+and :meth:`Config.validate` rejects out-of-range values. Every problem is raised as a
 :class:`ConfigError` whose message is one line naming the offending key, so entry points can print
 it and exit with code 2 instead of a traceback.
 
-OmegaConf structured configs do the merging and the type checks (unknown keys, wrong types);
-range checks that OmegaConf cannot express live with their section: each section dataclass has a
-``validate()`` holding its rules (the quantizer's rules live in :mod:`bavq.quantizers.checks`, which
-the quantizer constructors call too), and :meth:`Config.validate` runs them all.
+OmegaConf structured configs do the merging and the type checks (unknown keys, wrong types). Each
+section's ``validate()`` holds the range rules OmegaConf cannot express (the quantizer's live in
+:mod:`bavq.quantizers.checks`, which the quantizer constructors call too).
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ def _run_eval(tokenizer, work_dir):
     plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend="ddp", mixed_precision="no"))
     accelerator = make_accelerator(plain, str(work_dir), None)
     model = tokenizer.to(accelerator.device).model
-    loader = build_eval_loader(cfg, accelerator.process_index, accelerator.num_processes)
+    loader = build_eval_loader(cfg.data, accelerator.process_index, accelerator.num_processes,
+                               batch_size=cfg.eval.batch_size)
     from bavq.progress import track
 
     show = functools.partial(track, desc="bavq-eval", unit="batch", enabled=accelerator.is_main_process)

@@ -1,12 +1,13 @@
 """One typed configuration tree for every bavq entry point.
 
 YAML files set fields of these dataclasses, the command line adds ``key.sub=value`` overrides,
-and :func:`validate` rejects out-of-range values. Every problem is raised as a
+and :meth:`Config.validate` rejects out-of-range values. Every problem is raised as a
 :class:`ConfigError` whose message is one line naming the offending key, so entry points can print
 it and exit with code 2 instead of a traceback.
 
-OmegaConf structured configs do the merging and the type checks (unknown keys, wrong types);
-range checks that OmegaConf cannot express live in :func:`validate`.
+OmegaConf structured configs do the merging and the type checks (unknown keys, wrong types). Each
+section's ``validate()`` holds the range rules OmegaConf cannot express (the quantizer's live in
+:mod:`bavq.quantizers.checks`, which the quantizer constructors call too).
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ BACKENDS = ("ddp", "deepspeed")
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the message is one line naming the key."""
+
+
+def check(ok: bool, key: str, msg: str) -> None:
+    """Raise ConfigError "config key 'KEY': MSG" unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` is one of ``choices``."""
+    check(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
 
 
 @dataclass
@@ -68,6 +80,16 @@ class QuantizerConfig:
     balance_iters: int = 3  # balanced E-step: log-domain Sinkhorn iterations per step
     balance_target: str = "uniform"  # balanced E-step: column marginal r, "uniform" (1/K) or "prior" (q)
 
+    def validate(self) -> QuantizerConfig:
+        """Every field's rule, whatever ``name``; the rules live with the quantizers, whose
+        constructors apply them too."""
+        from bavq.quantizers import checks  # bavq.quantizers imports this module
+
+        checks.check_name(self.name)
+        checks.check_codebook_args(self)
+        checks.check_ba_vq_args(self)
+        return self
+
 
 @dataclass
 class ModelConfig:
@@ -82,6 +104,17 @@ class ModelConfig:
     disc_channels: int = 64  # width of the PatchGAN's first layer
     disc_layers: int = 3  # number of strided layers of the PatchGAN
 
+    def validate(self) -> ModelConfig:
+        one_of(self.arch, "model.arch", ARCHS)
+        check(self.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {self.in_channels}")
+        check(self.base_channels >= 8, "model.base_channels", "must be >= 8")
+        check(len(self.channel_mult) >= 1 and all(c >= 1 for c in self.channel_mult), "model.channel_mult",
+              "must be a non-empty list of positive integers")
+        check(self.num_res_blocks >= 0, "model.num_res_blocks", "must be >= 0")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        check(self.disc_layers >= 1, "model.disc_layers", "must be >= 1")
+        return self
+
 
 @dataclass
 class LossConfig:
@@ -91,7 +124,15 @@ class LossConfig:
     disc_weight: float = 0.0  # GAN loss weight; 0 disables the discriminator
     disc_start: int = 0  # generator step at which the GAN loss and the discriminator start
     adaptive_disc_weight: bool = True  # taming's gradient-norm balanced GAN weight
-    disc_loss: str = "hinge"  # "hinge" (only hinge is supported)
+
+    def validate(self) -> LossConfig:
+        one_of(self.reconstruction, "loss.reconstruction", ("l1", "l2"))
+        check(self.perceptual_weight >= 0, "loss.perceptual_weight", "must be >= 0")
+        check(self.perceptual_weight == 0 or bool(self.lpips_weights), "loss.lpips_weights",
+              "loss.perceptual_weight > 0 needs a local LPIPS weights file in loss.lpips_weights")
+        check(self.disc_weight >= 0, "loss.disc_weight", "must be >= 0")
+        check(self.disc_start >= 0, "loss.disc_start", "must be >= 0")
+        return self
 
 
 @dataclass
@@ -115,6 +156,23 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 2000  # shards: shuffle buffer size in samples
     train_num_samples: int = 0  # shards: training set size when no sizes.json is readable (pipe: URLs)
+
+    def validate(self) -> DataConfig:
+        one_of(self.source, "data.source", DATA_SOURCES)
+        check(self.source != "shards" or bool(self.train_shards), "data.train_shards",
+              "data.source=shards needs data.train_shards (e.g. /data/train-{000000..000099}.tar)")
+        check(self.source != "image_folder" or bool(self.root), "data.root",
+              "data.source=image_folder needs data.root (a folder of class sub-folders)")
+        check(self.source != "hf" or bool(self.hf_name), "data.hf_name", "data.source=hf needs data.hf_name")
+        check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
+        check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
+        check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+        check(self.train_limit >= 0 and self.val_limit >= 0, "data.train_limit", "limits must be >= 0")
+        check(0.0 < self.random_crop_scale <= 1.0, "data.random_crop_scale", "must be in (0, 1]")
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        check(self.train_num_samples >= 0, "data.train_num_samples", "must be >= 0")
+        return self
 
 
 @dataclass
@@ -154,6 +212,37 @@ class TrainConfig:
     output_dir: str = "experiments"  # runs go to output_dir/name
     name: str = "run"  # run name
 
+    def validate(self) -> TrainConfig:
+        check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.epochs >= 0, "train.epochs", "must be >= 0")
+        check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        check(self.epochs > 0 or self.max_steps > 0, "train.max_steps",
+              "set train.max_steps or train.epochs (--epochs) to a positive value")
+        check(self.lr > 0 and self.disc_lr > 0, "train.lr", "learning rates must be > 0")
+        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
+              "must be two numbers in [0, 1)")
+        check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        one_of(self.lr_schedule, "train.lr_schedule", ("cosine", "constant"))
+        check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        if self.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
+            self.mixed_precision = "no"
+        one_of(self.mixed_precision, "train.mixed_precision", PRECISIONS)
+        one_of(self.backend, "train.backend", BACKENDS)
+        check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 (seconds)")
+        check(self.heartbeat_timeout_s >= 0 and self.lock_wait_s >= 0, "train.heartbeat_timeout_s",
+              "heartbeat_timeout_s and lock_wait_s must be >= 0 (seconds)")
+        check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+        check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        for key in ("eval_every", "save_every", "keep_every"):
+            check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
+        check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        check(self.stop_at_step >= 0, "train.stop_at_step", "must be >= 0")
+        check(bool(self.name) and "/" not in self.name, "train.name", "must be a non-empty name without '/'")
+        check(bool(self.compile_backend), "train.compile_backend", "must name a torch.compile backend")
+        return self
+
 
 @dataclass
 class LogConfig:
@@ -163,6 +252,10 @@ class LogConfig:
     progress: bool = True  # progress on the main process: a bar on a terminal, a plain line every 30 s in logs
     usage_window: int = 65536  # tokens in the sliding window of the training usage metric
 
+    def validate(self) -> LogConfig:
+        check(self.usage_window >= 1, "log.usage_window", "must be >= 1")
+        return self
+
 
 @dataclass
 class EvalConfig:
@@ -171,6 +264,12 @@ class EvalConfig:
     inception_input_size: int = 299  # Inception input side; 299 = standard FID (smaller: fast tests only)
     num_recon_images: int = 16  # images saved in the reconstruction grid
     precision: str = "fp32"  # "fp32" or "bf16" (autocast over fp32 weights); codebook math stays fp32
+
+    def validate(self) -> EvalConfig:
+        check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        one_of(self.precision, "eval.precision", ("fp32", "bf16"))
+        check(self.inception_input_size >= 75, "eval.inception_input_size", "Inception needs >= 75 pixels")
+        return self
 
 
 @dataclass
@@ -182,6 +281,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> Config:
+        """Range and choice checks OmegaConf's types cannot express: each section's own, then the one
+        rule that spans two sections. Raises ConfigError."""
+        for section in (self.quantizer, self.model, self.loss, self.data, self.train, self.log, self.eval):
+            section.validate()
+        check(self.data.channels == self.model.in_channels, "data.channels",
+              f"is {self.data.channels} but model.in_channels is {self.model.in_channels}; set both alike")
+        return self
 
 
 def _one_line(exc) -> str:
@@ -218,117 +326,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"config file '{path}' is not valid YAML: {detail}") from None
     except OSError as exc:  # OmegaConf raises IOError for a YAML scalar or list at the top
         raise ConfigError(f"config file '{path}' must hold a mapping of sections ({exc})") from None
-    validate(cfg)
-    return cfg
-
-
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}': {msg}")
-
-
-def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
-
-
-def validate(cfg: Config) -> Config:
-    """Range and choice checks OmegaConf's types cannot express. Raises ConfigError."""
-    q, m, lo, d, t = cfg.quantizer, cfg.model, cfg.loss, cfg.data, cfg.train
-    _one_of(q.name, "quantizer.name", QUANTIZERS)
-    _check(q.num_codes >= 2, "quantizer.num_codes", f"must be >= 2, got {q.num_codes}")
-    _check(q.code_dim >= 1, "quantizer.code_dim", f"must be >= 1, got {q.code_dim}")
-    _check(0.0 <= q.decay < 1.0, "quantizer.decay", f"must be in [0, 1), got {q.decay}")
-    _check(q.eps > 0, "quantizer.eps", f"must be > 0, got {q.eps}")
-    _check(q.commitment >= 0, "quantizer.commitment", f"must be >= 0, got {q.commitment}")
-    _check(q.chunk_size > 0, "quantizer.chunk_size", f"must be > 0, got {q.chunk_size}")
-    _check(q.chunk_budget_mib > 0, "quantizer.chunk_budget_mib", f"must be > 0, got {q.chunk_budget_mib}")
-    _one_of(q.init, "quantizer.init", ("random", "data"))
-    _check(q.dead_code_threshold >= 0, "quantizer.dead_code_threshold", "must be >= 0")
-    _one_of(q.beta_mode, "quantizer.beta_mode", ("anneal", "adaptive", "fixed"))
-    for key in ("beta_start", "beta_end", "adaptive_c_start", "adaptive_c_end"):
-        _check(getattr(q, key) > 0, f"quantizer.{key}", f"must be > 0, got {getattr(q, key)}")
-    _check(q.beta_anneal_steps >= 0, "quantizer.beta_anneal_steps", "must be >= 0")
-    _check(q.max_beta_growth > 0, "quantizer.max_beta_growth", "must be > 0")
-    _check(q.entropy_weight >= 0, "quantizer.entropy_weight", "must be >= 0")
-    _check(q.prior_floor > 0, "quantizer.prior_floor", f"must be > 0, got {q.prior_floor}")
-    _one_of(q.assign, "quantizer.assign", ("nearest", "map"))
-    _check(q.entropy_loss_weight >= 0, "quantizer.entropy_loss_weight", "must be >= 0")
-    _check(q.anneal_start_nats > 0, "quantizer.anneal_start_nats", f"must be > 0, got {q.anneal_start_nats}")
-    _check(q.anneal_end_nats > q.anneal_start_nats, "quantizer.anneal_end_nats",
-           f"must be > quantizer.anneal_start_nats ({q.anneal_start_nats}), got {q.anneal_end_nats}")
-    _check(0 < q.anneal_rate <= 1, "quantizer.anneal_rate", f"must be in (0, 1], got {q.anneal_rate}")
-    _one_of(q.estep, "quantizer.estep", ("softmax", "balanced"))
-    _check(q.balance_iters >= 1, "quantizer.balance_iters", f"must be >= 1, got {q.balance_iters}")
-    _one_of(q.balance_target, "quantizer.balance_target", ("uniform", "prior"))
-
-    _one_of(m.arch, "model.arch", ARCHS)
-    _check(m.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {m.in_channels}")
-    _check(m.base_channels >= 8, "model.base_channels", "must be >= 8")
-    _check(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult",
-           "must be a non-empty list of positive integers")
-    _check(m.num_res_blocks >= 0, "model.num_res_blocks", "must be >= 0")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    _check(m.disc_layers >= 1, "model.disc_layers", "must be >= 1")
-
-    _one_of(lo.reconstruction, "loss.reconstruction", ("l1", "l2"))
-    _one_of(lo.disc_loss, "loss.disc_loss", ("hinge",))
-    _check(lo.perceptual_weight >= 0, "loss.perceptual_weight", "must be >= 0")
-    _check(lo.perceptual_weight == 0 or bool(lo.lpips_weights), "loss.lpips_weights",
-           "loss.perceptual_weight > 0 needs a local LPIPS weights file in loss.lpips_weights")
-    _check(lo.disc_weight >= 0, "loss.disc_weight", "must be >= 0")
-    _check(lo.disc_start >= 0, "loss.disc_start", "must be >= 0")
-
-    _one_of(d.source, "data.source", DATA_SOURCES)
-    _check(d.source != "shards" or bool(d.train_shards), "data.train_shards",
-           "data.source=shards needs data.train_shards (e.g. /data/train-{000000..000099}.tar)")
-    _check(d.source != "image_folder" or bool(d.root), "data.root",
-           "data.source=image_folder needs data.root (a folder of class sub-folders)")
-    _check(d.source != "hf" or bool(d.hf_name), "data.hf_name", "data.source=hf needs data.hf_name")
-    _check(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
-    _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
-    _check(d.channels == m.in_channels, "data.channels",
-           f"is {d.channels} but model.in_channels is {m.in_channels}; set both alike")
-    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
-    _check(d.train_limit >= 0 and d.val_limit >= 0, "data.train_limit", "limits must be >= 0")
-    _check(0.0 < d.random_crop_scale <= 1.0, "data.random_crop_scale", "must be in (0, 1]")
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-    _check(d.train_num_samples >= 0, "data.train_num_samples", "must be >= 0")
-
-    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    _check(t.epochs >= 0, "train.epochs", "must be >= 0")
-    _check(t.max_steps >= 0, "train.max_steps", "must be >= 0")
-    _check(t.epochs > 0 or t.max_steps > 0, "train.max_steps",
-           "set train.max_steps or train.epochs (--epochs) to a positive value")
-    _check(t.lr > 0 and t.disc_lr > 0, "train.lr", "learning rates must be > 0")
-    _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas",
-           "must be two numbers in [0, 1)")
-    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _one_of(t.lr_schedule, "train.lr_schedule", ("cosine", "constant"))
-    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-    _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-    if t.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
-        t.mixed_precision = "no"
-    _one_of(t.mixed_precision, "train.mixed_precision", PRECISIONS)
-    _one_of(t.backend, "train.backend", BACKENDS)
-    _check(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 (seconds)")
-    _check(t.heartbeat_timeout_s >= 0 and t.lock_wait_s >= 0, "train.heartbeat_timeout_s",
-           "heartbeat_timeout_s and lock_wait_s must be >= 0 (seconds)")
-    _check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
-    for key in ("log_every",):
-        _check(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
-    for key in ("eval_every", "save_every", "keep_every"):
-        _check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
-    _check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
-    _check(t.stop_at_step >= 0, "train.stop_at_step", "must be >= 0")
-    _check(bool(t.name) and "/" not in t.name, "train.name", "must be a non-empty name without '/'")
-    _check(bool(t.compile_backend), "train.compile_backend", "must name a torch.compile backend")
-    _check(cfg.log.usage_window >= 1, "log.usage_window", "must be >= 1")
-    _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
-    _one_of(cfg.eval.precision, "eval.precision", ("fp32", "bf16"))
-    _check(cfg.eval.inception_input_size >= 75, "eval.inception_input_size", "Inception needs >= 75 pixels")
-    return cfg
+    return cfg.validate()
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -345,7 +343,7 @@ def from_dict(data: dict[str, Any]) -> Config:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
-    return validate(cfg)
+    return cfg.validate()
 
 
 def to_yaml(cfg: Config) -> str:
@@ -379,6 +377,8 @@ def field_docs() -> dict[str, tuple[str, str]]:
         pending = []
         for line in source.splitlines()[1:]:
             stripped = line.strip()
+            if stripped.startswith("def "):  # the fields come first; methods follow
+                break
             if stripped.startswith("#"):
                 pending.append(stripped.lstrip("# ").strip())
                 continue

@@ -67,7 +67,8 @@ def bench_shards(shards: Path, workers: int, args) -> float:
                              f"data.num_workers={workers}", f"train.batch_size={args.batch_size}",
                              f"data.image_size={args.image_size}", "data.random_flip=true",
                              "data.random_crop_scale=0.35", "data.shuffle_buffer=500"])
-    return _rate(build_train_stream(cfg, 0, 1).iterate(), args.batches, args.batch_size)
+    stream = build_train_stream(cfg.data, 0, 1, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    return _rate(stream.iterate(), args.batches, args.batch_size)
 
 
 def bench_image_folder(src: Path, workers: int, args) -> float:

@@ -1,6 +1,6 @@
 """How efficient is the chunked codebook kernel? BA-VQ's E-step + soft statistics vs torch.mm.
 
-``bavq.quantizers._ops.soft_assign`` (distances, max-shifted softmax, entropy, soft sums) and
+``bavq.quantizers._soft.soft_assign`` (distances, max-shifted softmax, entropy, soft sums) and
 ``nearest_codes`` (VQ-EMA's hard assignment) are timed on random data and compared with three
 references measured on the same machine and at the same sizes and chunking:
 
@@ -10,7 +10,7 @@ references measured on the same machine and at the same sizes and chunking:
   soft sums and counts. The kernel's "matmul efficiency" is that FLOP count over the kernel's time
   divided by the same count over the plain matmuls' time (= t_mm / t_kernel).
 * **memory**: the kernel makes a fixed number of passes over (chunk x K) fp32 intermediates
-  (``PASSES``, counted from the ops in ``_ops.py``); bytes = passes * N * K * 4, compared with a
+  (``PASSES``, counted from the ops in ``_soft.py``); bytes = passes * N * K * 4, compared with a
   measured copy bandwidth (read + write bytes per second) of a chunk-sized buffer.
 * **exp**: one ``exp`` per (row, code) is unavoidable even for a fully fused kernel; its measured
   throughput gives the floor of any implementation that keeps the math in fp32.
@@ -42,9 +42,9 @@ import torch
 if __package__ in (None, ""):  # run as a script from anywhere: make `import bavq` work
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bavq.quantizers import _fused, _ops  # noqa: E402
+from bavq.quantizers import _entropy_loss, _fused, _nearest, _ops, _soft  # noqa: E402
 
-# Passes over one (rows x K) fp32 matrix, read or write, per chunk (counted from _ops.py):
+# Passes over one (rows x K) fp32 matrix, read or write, per chunk (counted from _soft.py and _nearest.py):
 PASSES = {
     # addmm(bias, out=a): bias broadcast into a (1 write) + GEMM with beta=1 (1 read, 1 write);
     # max (1 read); sub_ (2); clamp_ (2); exp a -> u (2); u.sum (1); a.mul_(u) (3) + sum (1);
@@ -136,9 +136,9 @@ def kernel_seconds(x: torch.Tensor, codebook: torch.Tensor, rows: int, repeats: 
     on the eager reference code and on the fused path."""
     log_weight = torch.full((codebook.shape[0],), -0.5, device=x.device)  # (1 - lambda) log q, any values
     calls = {
-        "soft_assign(lambda=1)": lambda: _ops.soft_assign(x, codebook, None, 1.0, rows, nearest=True),
-        "soft_assign(lambda!=1)": lambda: _ops.soft_assign(x, codebook, log_weight, 1.0, rows, nearest=True),
-        "nearest_codes": lambda: _ops.nearest_codes(x, codebook, rows),
+        "soft_assign(lambda=1)": lambda: _soft.soft_assign(x, codebook, None, 1.0, rows, nearest=True),
+        "soft_assign(lambda!=1)": lambda: _soft.soft_assign(x, codebook, log_weight, 1.0, rows, nearest=True),
+        "nearest_codes": lambda: _nearest.nearest_codes(x, codebook, rows),
     }
     out = {}
     with _ops.fp32_math(x.device.type):
@@ -212,14 +212,14 @@ def chunk_sweep(n: int, num_codes: int, dim: int, rows_list: list[int], device: 
     out = []
     with _ops.fp32_math(device.type):
         for rows in rows_list:
-            seconds = timed(lambda: _ops.soft_assign(x, codebook, None, 1.0, rows, nearest=True),
+            seconds = timed(lambda: _soft.soft_assign(x, codebook, None, 1.0, rows, nearest=True),
                             device, repeats)
             out.append({"chunk_rows": rows, "chunk_mib": rows * num_codes * 4 / 2**20, "seconds": seconds})
     return out
 
 
 def rowdot_candidates(rows: int, num_codes: int, device: torch.device, repeats: int) -> dict:
-    """Seconds of the entropy's per-row sum_k p_k b_k on one chunk: a bmm row dot (``_ops._row_dot``,
+    """Seconds of the entropy's per-row sum_k p_k b_k on one chunk: a bmm row dot (``_entropy_loss._row_dot``,
     which soft_assign used first) vs the in-place multiply + sum that soft_assign uses now (b is not
     read again). Kept so the choice can be re-checked on other hardware."""
     gen = torch.Generator(device="cpu").manual_seed(2)
@@ -232,7 +232,7 @@ def rowdot_candidates(rows: int, num_codes: int, device: torch.device, repeats: 
         return scratch.mul_(u).sum(1)
 
     with _ops.fp32_math(device.type):
-        out = {"bmm (_ops._row_dot)": timed(lambda: _ops._row_dot(u, b), device, repeats),
+        out = {"bmm (_entropy_loss._row_dot)": timed(lambda: _entropy_loss._row_dot(u, b), device, repeats),
                "copy (subtract from the next)": timed(lambda: scratch.copy_(b), device, repeats),
                "copy + mul_ + sum": timed(in_place, device, repeats)}
     out["mul_ + sum (net)"] = out["copy + mul_ + sum"] - out["copy (subtract from the next)"]
@@ -290,7 +290,7 @@ def candidates(n: int, num_codes: int, dims: list[int], rows_list: list[int], de
             first_call = time.perf_counter() - start
             previous = _ops.set_kernels("eager")
             rec = {"D": dim, "compile_first_call_s": first_call,
-                   "eager": timed(lambda: _ops.soft_assign(x, codebook, None, 1.0, default_rows, True),
+                   "eager": timed(lambda: _soft.soft_assign(x, codebook, None, 1.0, default_rows, True),
                                   device, repeats)}
             _ops.set_kernels(previous)
             rec["mm"] = sum(chunked_matmul_seconds(x, codebook, default_rows, repeats).values())

@@ -94,8 +94,9 @@ def build_parts(cfg: Config, device: torch.device, ddp: bool) -> StepParts:
     from bavq.quantizers import build_quantizer
 
     torch.manual_seed(cfg.train.seed)  # identical weights and codebook on every rank
-    plain = build_model(cfg, build_quantizer(cfg.quantizer, seed=cfg.train.seed)).to(device)
-    disc = build_discriminator(cfg)
+    quantizer = build_quantizer(cfg.quantizer, seed=cfg.train.seed)
+    plain = build_model(cfg.model, cfg.quantizer, quantizer, image_size=cfg.data.image_size).to(device)
+    disc = build_discriminator(cfg.model, cfg.loss)
     betas = tuple(cfg.train.adam_betas)
     opt_g = torch.optim.AdamW(plain.parameters(), lr=cfg.train.lr, betas=betas)
     opt_d = None
@@ -324,8 +325,8 @@ def scaling_rows(num_codes_list=(1024, 16384, 65536), dims=(8, 256), ranks=(8, 6
     grads = []
     for label, (arch, extra) in models.items():
         cfg = make_config(arch, "ba_vq", 16384, 8, extra)
-        model = build_model(cfg, build_quantizer(cfg.quantizer))
-        disc = build_discriminator(cfg)
+        model = build_model(cfg.model, cfg.quantizer, build_quantizer(cfg.quantizer), image_size=cfg.data.image_size)
+        disc = build_discriminator(cfg.model, cfg.loss)
         params = sum(p.numel() for p in model.parameters())
         disc_params = sum(p.numel() for p in disc.parameters()) if disc is not None else 0
         grads.append({"model": label, "params": params, "disc_params": disc_params,

@@ -157,7 +157,7 @@ def kernel_bench(device: torch.device, size: dict) -> dict:
 
 def fused_check(device: torch.device, size: dict) -> list[dict]:
     """Fused vs eager E-step on this device (the first real run of the Triton kernels)."""
-    from bavq.quantizers import _ops
+    from bavq.quantizers import _ops, _soft
 
     out = []
     n, num_codes = min(size["num_vectors"], 8192), size["num_codes"]
@@ -169,9 +169,9 @@ def fused_check(device: torch.device, size: dict) -> list[dict]:
         for lam, assign in ((1.0, "nearest"), (0.0, "nearest"), (0.0, "map")):
             args = (x, codebook, None if lam == 1.0 else (1.0 - lam) * log_weight, 16.0 / dim, 2048)
             with _ops.fp32_math(device.type):
-                fused = _ops.soft_assign(*args, nearest=assign == "nearest")
+                fused = _soft.soft_assign(*args, nearest=assign == "nearest")
                 previous = _ops.set_kernels("eager")
-                ref = _ops.soft_assign(*args, nearest=assign == "nearest")
+                ref = _soft.soft_assign(*args, nearest=assign == "nearest")
                 _ops.set_kernels(previous)
             errors = {f: float((getattr(fused, f) - getattr(ref, f)).abs().max()
                                / getattr(ref, f).abs().max().clamp_min(1e-30))

@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-from bavq.quantizers import _ops, _triton  # noqa: E402
+from bavq.quantizers import _nearest, _ops, _soft, _triton  # noqa: E402
 
 FIELDS = ("soft_counts", "soft_sums", "min_dist", "hard_dist", "entropy", "soft_dist")
 # (N, K, D, block): sizes that divide neither the row nor the code tiles; D = 70 spans two D blocks
@@ -37,7 +37,7 @@ def soft_assign_cases() -> dict:
         beta = 16.0 / d  # about 8 nats of spread over the data's distances at every D
         x, e, _ = _data(n, k, d, 1.0, i)
         previous = _ops.set_kernels("eager")
-        ref_idx, ref_min = _ops.nearest_codes(x, e, 16)
+        ref_idx, ref_min = _nearest.nearest_codes(x, e, 16)
         _ops.set_kernels(previous)
         near_idx, near_min = _triton.nearest_codes(x, e, 16)
         out[f"N{n}_K{k}_D{d}_nearest_codes"] = {"indices_equal": bool(torch.equal(near_idx, ref_idx)),
@@ -53,7 +53,7 @@ def soft_assign_cases() -> dict:
                    "soft_dist": r["mean_d"] + sq_rows}
             for nearest in (True, False):
                 previous = _ops.set_kernels("eager")
-                ref = _ops.soft_assign(x, e, lw, beta, 16, nearest)
+                ref = _soft.soft_assign(x, e, lw, beta, 16, nearest)
                 _ops.set_kernels(previous)
                 got["indices"] = r["argmin_d"] if nearest else r["argmax_a"]
                 got["hard_dist"] = ((r["min_d"] if nearest else r["d_at_argmax"]) + sq_rows).clamp(min=0.0)

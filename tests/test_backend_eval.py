@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from _builders import eval_loader
 from safetensors.torch import load_file
 from test_evaluate import run_eval
 from test_train import image_folder, run_cli, tiny_overrides  # noqa: F401 - image_folder is a fixture
 
 from bavq.config import load_config
-from bavq.data import build_eval_loader
 from bavq.evaluate import evaluate_model
 from bavq.models import plain_generator
 from bavq.train.checkpoint import load_generator_state
@@ -36,7 +36,7 @@ def test_deepspeed_bf16_run_and_backend_free_evaluation(image_folder, tmp_path):
     assert (ckpt / "pytorch_model").is_dir()  # ZeRO shards: the path bavq-eval must read without DeepSpeed
     cfg = load_config(run / "config.yaml")
     state, _ = load_generator_state(ckpt)
-    direct = evaluate_model(plain_generator(cfg, state), build_eval_loader(cfg, 0, 1), cfg, "cpu")
+    direct = evaluate_model(plain_generator(cfg, state), eval_loader(cfg, 0, 1), cfg, "cpu")
     for nproc in (1, 2):
         got = run_eval(ckpt, tmp_path / f"eval{nproc}.json", nproc)
         assert got["world_size"] == nproc and got["images"] == direct.images

@@ -20,7 +20,7 @@ def test_compiled_encoder_decoder_match_eager():
                              "quantizer.code_dim=4", "model.base_channels=8", "model.num_res_blocks=1",
                              "data.image_size=16", "train.compile=true"])
     torch.manual_seed(0)
-    eager = build_model(cfg, build_quantizer(cfg.quantizer))
+    eager = build_model(cfg.model, cfg.quantizer, build_quantizer(cfg.quantizer), image_size=cfg.data.image_size)
     compiled = compile_autoencoder(copy.deepcopy(eager), backend="aot_eager")
     assert compiled.encoder._compiled_call_impl is not None and compiled.decoder._compiled_call_impl is not None
     assert compiled.quantizer._compiled_call_impl is None  # codebook math stays eager and fp32

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _builders import eval_loader
 from test_fid import SMALL_SIZE, direct_features, random_inception_state, scipy_fid
 from test_train import ROOT, make_image_folder, run_cli, tiny_overrides
 
-from bavq.data import build_eval_loader
 from bavq.models import LPIPS
 from bavq.tokenizer import Tokenizer
 
@@ -32,7 +32,7 @@ def direct_histogram(run) -> tuple[np.ndarray, int]:
     tokenizer = Tokenizer.from_pretrained(run)
     k = tokenizer.num_codes
     hist, images, keys = np.zeros(k, dtype=np.int64), 0, []
-    for x, batch_keys in build_eval_loader(tokenizer.config, 0, 1):
+    for x, batch_keys in eval_loader(tokenizer.config, 0, 1):
         hist += np.bincount(tokenizer.encode(x).flatten().numpy(), minlength=k)
         images += x.shape[0]
         keys += list(batch_keys)
@@ -77,7 +77,7 @@ def direct_reconstructions(run) -> tuple[torch.Tensor, torch.Tensor]:
     """Every held-out image and its reconstruction (clamped to [-1, 1], as evaluation does), one process."""
     tokenizer = Tokenizer.from_pretrained(run)
     images, recons = [], []
-    for x, _keys in build_eval_loader(tokenizer.config, 0, 1):
+    for x, _keys in eval_loader(tokenizer.config, 0, 1):
         images.append(x)
         recons.append(tokenizer.reconstruct(x).float().clamp(-1, 1))
     return torch.cat(images), torch.cat(recons)

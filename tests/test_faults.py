@@ -131,12 +131,11 @@ def test_map_data_position_survives_a_world_size_change():
 
 
 def test_shards_deleted_and_truncated_mid_stream_are_skipped_and_counted(tmp_path, caplog):
+    from _builders import train_stream
     from test_shards import _cfg, write_shards
 
-    from bavq.data import build_train_stream
-
     pattern = write_shards(tmp_path / "shards", sizes=[6, 6, 6, 6])
-    stream = build_train_stream(_cfg(pattern), 0, 1)
+    stream = train_stream(_cfg(pattern), 0, 1)
     batches = stream.iterate()
     for _ in range(3):
         next(batches)

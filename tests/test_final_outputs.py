@@ -26,7 +26,7 @@ from bavq.quantizers import build_quantizer
 run, value, hang = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "hang"
 cfg = load_config(None, ["train.max_steps=1", "quantizer.num_codes=16", "quantizer.code_dim=4",
                          "model.base_channels=8", "model.num_res_blocks=1", "data.image_size=16"])
-model = build_model(cfg, build_quantizer(cfg.quantizer))
+model = build_model(cfg.model, cfg.quantizer, build_quantizer(cfg.quantizer), image_size=cfg.data.image_size)
 with torch.no_grad():
     for p in model.parameters():
         p.fill_(value)

@@ -1,6 +1,6 @@
 """Fused E-step kernels == the eager reference (issue 15).
 
-The CPU path (C++ sweep, ``_fused.py``) is compared with ``_ops.soft_assign``'s eager code for
+The CPU path (C++ sweep, ``_fused.py``) is compared with ``_soft.soft_assign``'s eager code for
 lambda in {0, 1, 2}, both hard-assignment rules, chunk boundaries that divide neither N nor K (nor
 the 16-lane vector width), and K = 16,384: hard codes equal, statistics within 1e-5 of the
 reference's scale. The first run compiles the extension (about 1-2 min on 2 busy cores; cached in
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bavq.quantizers import _fused, _ops
+from bavq.quantizers import _fused, _nearest, _ops, _soft
 
 FIELDS = ("soft_counts", "soft_sums", "min_dist", "hard_dist", "entropy", "soft_dist")
 
@@ -32,10 +32,10 @@ def _case(n: int, num_codes: int, dim: int, lam: float, seed: int = 0):
     return x, codebook, log_weight
 
 
-def _eager(*args, **kwargs) -> _ops.SoftStats:
+def _eager(*args, **kwargs) -> _soft.SoftStats:
     previous = _ops.set_kernels("eager")
     try:
-        return _ops.soft_assign(*args, **kwargs)
+        return _soft.soft_assign(*args, **kwargs)
     finally:
         _ops.set_kernels(previous)
 
@@ -63,7 +63,7 @@ def test_cpu_fused_matches_eager(lam, assign, beta):
     args = (x, codebook, log_weight, beta, 300)
     got = _fused.soft_assign(*args, nearest=assign == "nearest")
     assert got is not None
-    assert_stats_match(_ops.SoftStats(**got, reached=None), _eager(*args, nearest=assign == "nearest"))
+    assert_stats_match(_soft.SoftStats(**got, reached=None), _eager(*args, nearest=assign == "nearest"))
 
 
 @needs_cpp
@@ -75,14 +75,14 @@ def test_cpu_fused_matches_eager_at_k16384(lam):
     rows = _ops.chunk_rows(16384, 8192, 128)
     assert _fused.cache_rows(16384, 8, rows) == 128
     codebook[:50] += 40.0  # codes no row reaches above the fp32 floor: the dispatched path flags them too
-    got = _ops.soft_assign(x, codebook, log_weight, 2.0, rows, nearest=True)
+    got = _soft.soft_assign(x, codebook, log_weight, 2.0, rows, nearest=True)
     ref = _eager(x, codebook, log_weight, 2.0, rows, nearest=True)
     assert_stats_match(got, ref)
     assert torch.equal(got.reached, ref.reached) and 0 < int(ref.reached.sum()) < 16384
-    idx, dist = _ops.nearest_codes(x, codebook, rows)
+    idx, dist = _nearest.nearest_codes(x, codebook, rows)
     previous = _ops.set_kernels("eager")
     try:
-        ref_idx, ref_dist = _ops.nearest_codes(x, codebook, rows)
+        ref_idx, ref_dist = _nearest.nearest_codes(x, codebook, rows)
     finally:
         _ops.set_kernels(previous)
     torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
@@ -93,7 +93,7 @@ def test_cpu_fused_matches_eager_at_k16384(lam):
 def test_cpu_fused_large_dim():
     x, codebook, log_weight = _case(300, 200, 256, 2.0, seed=2)
     args = (x, codebook, log_weight, 0.05, 128)
-    fused = _ops.SoftStats(**_fused.soft_assign(*args, nearest=False), reached=None)
+    fused = _soft.SoftStats(**_fused.soft_assign(*args, nearest=False), reached=None)
     assert_stats_match(fused, _eager(*args, nearest=False))
 
 
@@ -107,7 +107,7 @@ def test_eager_flag_and_fallback(monkeypatch):
     ref = _eager(x, codebook, log_weight, 1.0, 16, nearest=True)  # must not reach the fused path
     monkeypatch.undo()  # restore soft_assign; now simulate a failed build
     monkeypatch.setattr(_fused, "_state", {"module": None, "reason": "test: no compiler"})
-    got = _ops.soft_assign(x, codebook, log_weight, 1.0, 16, nearest=True)
+    got = _soft.soft_assign(x, codebook, log_weight, 1.0, 16, nearest=True)
     assert not _fused.available() and _fused.unavailable_reason() == "test: no compiler"
     assert_stats_match(got, ref, rtol=0)
     with pytest.raises(ValueError, match="auto"):

@@ -16,7 +16,6 @@ from bavq.models import (
     VQVAE,
     NLayerDiscriminator,
     build_discriminator,
-    build_lpips,
     build_model,
     convert_lpips_weights,
 )
@@ -176,29 +175,33 @@ def small_config(arch: str, **model_fields) -> Config:
     return cfg
 
 
+def build_from(cfg: Config, quantizer: nn.Module) -> nn.Module:
+    return build_model(cfg.model, cfg.quantizer, quantizer, image_size=cfg.data.image_size)
+
+
 def test_build_model_from_config():
-    vqvae = build_model(small_config("vqvae"), FakeQuantizer(code_dim=8))
+    vqvae = build_from(small_config("vqvae"), FakeQuantizer(code_dim=8))
     assert isinstance(vqvae, VQVAE) and vqvae.encode(torch.randn(1, 3, 32, 32)).shape == (1, 8, 8, 8)
     cfg = small_config("vqgan", channel_mult=[1, 1, 2, 2], attn_resolutions=[8])
-    vqgan = build_model(cfg, FakeQuantizer(code_dim=8))
+    vqgan = build_from(cfg, FakeQuantizer(code_dim=8))
     assert isinstance(vqgan, VQGAN) and vqgan.encode(torch.randn(1, 3, 32, 32)).shape == (1, 8, 4, 4)
     assert [sum(isinstance(m, AttnBlock) for m in s) for s in vqgan.encoder.down] == [0, 0, 1, 1]
 
 
 def test_build_model_errors_name_the_key():
     with pytest.raises(ConfigError, match="quantizer.code_dim"):
-        build_model(small_config("vqvae"), FakeQuantizer(code_dim=4))
+        build_from(small_config("vqvae"), FakeQuantizer(code_dim=4))
     cfg = small_config("vqvae", channel_mult=[1, 2, 2, 2, 2, 2])  # f = 64 > 32
     with pytest.raises(ConfigError, match="data.image_size"):
-        build_model(cfg, FakeQuantizer(code_dim=8))
+        build_from(cfg, FakeQuantizer(code_dim=8))
 
 
 def test_build_discriminator_follows_disc_weight():
     cfg = Config()
-    assert build_discriminator(cfg) is None
+    assert build_discriminator(cfg.model, cfg.loss) is None
     cfg.loss = dataclasses.replace(cfg.loss, disc_weight=0.5)
     cfg.model = dataclasses.replace(cfg.model, disc_channels=8, disc_layers=2)
-    disc = build_discriminator(cfg)
+    disc = build_discriminator(cfg.model, cfg.loss)
     assert isinstance(disc, NLayerDiscriminator) and disc(torch.randn(1, 3, 32, 32)).shape == (1, 1, 6, 6)
 
 
@@ -259,11 +262,6 @@ def test_lpips_missing_file_message(tmp_path):
     message = str(info.value)
     assert "\n" not in message and "loss.lpips_weights" in message and str(missing) in message
     assert "features" in message and "lin0" in message
-    cfg = Config()
-    cfg.loss = dataclasses.replace(cfg.loss, perceptual_weight=1.0, lpips_weights=str(missing))
-    with pytest.raises(FileNotFoundError, match="loss.lpips_weights"):
-        build_lpips(cfg)
-    assert build_lpips(Config()) is None
 
 
 def test_lpips_wrong_file_is_one_line_error(tmp_path):

@@ -9,12 +9,12 @@ import tarfile
 import pytest
 import torch
 import webdataset as wds
+from _builders import eval_loader, train_stream
 from _mp import run_distributed
 from PIL import Image
 
 from bavq import dist
 from bavq.config import ConfigError, load_config
-from bavq.data import build_eval_loader, build_train_stream
 from bavq.data.shards import expand_urls, iter_tar_members, limit_plan, read_sizes
 
 SIZES = [5, 3, 7, 1, 4]  # deliberately uneven
@@ -59,27 +59,27 @@ def test_sizes_json_limits_and_missing_sizes(tmp_path):
     sizes = read_sizes(urls)
     assert list(sizes.values()) == SIZES
     assert list(limit_plan(urls, sizes, 7).values()) == [5, 2]
-    stream = build_train_stream(_cfg(pattern), 0, 2)
+    stream = train_stream(_cfg(pattern), 0, 2)
     assert (stream.num_samples, stream.batches_per_epoch) == (20, 2)
-    assert build_train_stream(_cfg(pattern, "data.train_limit=9"), 0, 1).num_samples == 9
+    assert train_stream(_cfg(pattern, "data.train_limit=9"), 0, 1).num_samples == 9
     (tmp_path / "a" / "sizes.json").unlink()
     with pytest.raises(ConfigError, match="train_num_samples"):
-        build_train_stream(_cfg(pattern), 0, 1)
-    assert build_train_stream(_cfg(pattern, "data.train_num_samples=20"), 0, 1).batches_per_epoch == 5
+        train_stream(_cfg(pattern), 0, 1)
+    assert train_stream(_cfg(pattern, "data.train_num_samples=20"), 0, 1).batches_per_epoch == 5
     with pytest.raises(ConfigError, match="do not exist"):
-        build_train_stream(_cfg(str(tmp_path / "a" / "s-{000000..000009}.tar")), 0, 1)
+        train_stream(_cfg(str(tmp_path / "a" / "s-{000000..000009}.tar")), 0, 1)
 
 
 def test_train_stream_is_seeded_and_a_resume_reseeds(tmp_path):
     pattern = write_shards(tmp_path / "a")
     cfg = _cfg(pattern, "data.random_flip=true", "train.seed=5")
-    first = [_ids(b) for _, b in zip(range(12), build_train_stream(cfg, 0, 1).iterate(0))]
-    again = [_ids(b) for _, b in zip(range(12), build_train_stream(cfg, 0, 1).iterate(0))]
+    first = [_ids(b) for _, b in zip(range(12), train_stream(cfg, 0, 1).iterate(0))]
+    again = [_ids(b) for _, b in zip(range(12), train_stream(cfg, 0, 1).iterate(0))]
     assert first == again and all(0 <= i < 20 for ids in first for i in ids)
-    resumed = [_ids(b) for _, b in zip(range(9), build_train_stream(cfg, 0, 1).iterate(3))]
+    resumed = [_ids(b) for _, b in zip(range(9), train_stream(cfg, 0, 1).iterate(3))]
     assert resumed != first[3:] and resumed != first[:9]  # re-seeded: neither a skip nor a replay
     other_seed = _cfg(pattern, "train.seed=6")
-    assert [_ids(b) for _, b in zip(range(12), build_train_stream(other_seed, 0, 1).iterate(0))] != first
+    assert [_ids(b) for _, b in zip(range(12), train_stream(other_seed, 0, 1).iterate(0))] != first
 
 
 def _draws(batches, sizes) -> list[int]:
@@ -99,9 +99,9 @@ def test_ranks_split_one_stream_of_shard_draws(tmp_path):
     pattern = write_shards(tmp_path / "a", sizes)
     cfg = _cfg(pattern, "data.shuffle_buffer=0", "train.batch_size=1")
     # within one epoch (each epoch re-seeds the shared draw stream): 25 batches in one process, 12 per rank
-    whole = _draws((b for _, b in zip(range(25), build_train_stream(cfg, 0, 1).iterate())), sizes)
+    whole = _draws((b for _, b in zip(range(25), train_stream(cfg, 0, 1).iterate())), sizes)
     for r in (0, 1):  # explicit node splitting: rank r reads draws r, r+2, ... of the shared stream
-        mine = _draws((b for _, b in zip(range(12), build_train_stream(cfg, r, 2).iterate())), sizes)
+        mine = _draws((b for _, b in zip(range(12), train_stream(cfg, r, 2).iterate())), sizes)
         n = min(len(mine), len(whole[r::2])) - 1  # the last draw may be cut by the end of the epoch
         assert n >= 3 and mine[:n] == whole[r::2][:n]
 
@@ -109,7 +109,7 @@ def test_ranks_split_one_stream_of_shard_draws(tmp_path):
 def test_workers_and_corrupt_samples_are_counted(tmp_path):
     pattern = write_shards(tmp_path / "a", corrupt_per_shard=True)
     cfg = _cfg(pattern, "data.num_workers=2")
-    streams = [build_train_stream(cfg, r, 2) for r in (0, 1)]
+    streams = [train_stream(cfg, r, 2) for r in (0, 1)]
     batches = [[b for _, b in zip(range(10), s.iterate())] for s in streams]
     assert all(b.shape == (4, 3, 32, 32) for rank in batches for b in rank)
     assert [_ids(b) for b in batches[0]] != [_ids(b) for b in batches[1]]
@@ -119,14 +119,14 @@ def test_workers_and_corrupt_samples_are_counted(tmp_path):
 def test_eval_reader_exactly_once_with_uneven_shards_ranks_and_workers(tmp_path):
     pattern = write_shards(tmp_path / "a")
     cfg = _cfg(pattern, "data.num_workers=2")
-    per_rank = [[k for _, keys in build_eval_loader(cfg, r, 3) for k in keys] for r in range(3)]
+    per_rank = [[k for _, keys in eval_loader(cfg, r, 3) for k in keys] for r in range(3)]
     keys = [k.split("/")[1] for rank in per_rank for k in rank]
     assert sorted(keys) == [f"{i:09d}" for i in range(20)]
     assert list(map(len, per_rank)) == [5 + 1, 3 + 4, 7]  # shards r, r+3: uneven, no padding, no duplicates
-    many = [[k for _, keys in build_eval_loader(_cfg(pattern), r, 6) for k in keys] for r in range(6)]
+    many = [[k for _, keys in eval_loader(_cfg(pattern), r, 6) for k in keys] for r in range(6)]
     assert len(sum(many, [])) == len(set(sum(many, []))) == 20 and many[5] == []  # more ranks than shards
     limited = _cfg(pattern, "data.val_limit=7")
-    batches = list(build_eval_loader(limited, 0, 1))
+    batches = list(eval_loader(limited, 0, 1))
     assert [k.split("/")[1] for _, keys in batches for k in keys] == [f"{i:09d}" for i in range(7)]
     assert sorted(i for images, _ in batches for i in _ids(images)) == list(range(7))
 
@@ -135,9 +135,9 @@ def test_pipe_urls_stream_with_a_given_size(tmp_path):
     write_shards(tmp_path / "a")
     pattern = f"pipe:cat {tmp_path / 'a'}/s-{{000000..000004}}.tar"
     cfg = _cfg(pattern, "data.train_num_samples=20")
-    stream = build_train_stream(cfg, 0, 1)
+    stream = train_stream(cfg, 0, 1)
     assert stream.batches_per_epoch == 5 and next(stream.iterate()).shape == (4, 3, 32, 32)
-    assert sum(len(keys) for _, keys in build_eval_loader(cfg, 0, 1)) == 20
+    assert sum(len(keys) for _, keys in eval_loader(cfg, 0, 1)) == 20
 
 
 def test_fsspec_urls_and_their_sizes_json(tmp_path):
@@ -147,22 +147,22 @@ def test_fsspec_urls_and_their_sizes_json(tmp_path):
     for path in (tmp_path / "a").iterdir():
         memory.pipe(f"/bavq-test/{path.name}", path.read_bytes())
     cfg = _cfg("memory://bavq-test/s-{000000..000004}.tar")
-    stream = build_train_stream(cfg, 0, 1)
+    stream = train_stream(cfg, 0, 1)
     assert stream.num_samples == 20 and next(stream.iterate()).shape == (4, 3, 32, 32)
-    assert sum(len(keys) for _, keys in build_eval_loader(cfg, 0, 1)) == 20
+    assert sum(len(keys) for _, keys in eval_loader(cfg, 0, 1)) == 20
     memory.rm("/bavq-test", recursive=True)
 
 
 def _two_rank_reader(rank: int, world_size: int, pattern: str):
     cfg = _cfg(pattern, "data.num_workers=1", "train.batch_size=3")
-    stream = build_train_stream(cfg, rank, world_size)
+    stream = train_stream(cfg, rank, world_size)
     counts = dist.all_gather_object(stream.batches_per_epoch)
     steps = 2 * stream.batches_per_epoch + 1
     seen = []
     for _, batch in zip(range(steps), stream.iterate()):
         dist.all_reduce_sum(batch.sum().reshape(1))  # lockstep like DDP: a rank running dry would hang here
         seen.append(_ids(batch))
-    keys = [k for _, batch_keys in build_eval_loader(cfg, rank, world_size) for k in batch_keys]
+    keys = [k for _, batch_keys in eval_loader(cfg, rank, world_size) for k in batch_keys]
     return {"counts": counts, "steps": len(seen), "first": seen[0], "keys": keys}
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _builders import eval_loader
 
 import bavq
 from bavq.cli import export_main
 from bavq.config import ConfigError
-from bavq.data import build_eval_loader
 from bavq.tokenizer import Tokenizer
 
 
 def eval_images(tokenizer: Tokenizer) -> torch.Tensor:
-    return torch.cat([x for x, _ in build_eval_loader(tokenizer.config, 0, 1)])
+    return torch.cat([x for x, _ in eval_loader(tokenizer.config, 0, 1)])
 
 
 def test_run_checkpoint_and_exported_folders_give_the_same_indices(tiny_run, tmp_path):

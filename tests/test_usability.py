@@ -190,7 +190,7 @@ def test_eval_progress_callback_sees_every_batch():
 
     cfg = load_config(None, ["quantizer.num_codes=8", "quantizer.code_dim=4", "model.base_channels=8",
                              "model.num_res_blocks=1", "data.image_size=8", "train.max_steps=1"])
-    model = build_model(cfg, build_quantizer(cfg.quantizer))
+    model = build_model(cfg.model, cfg.quantizer, build_quantizer(cfg.quantizer), image_size=cfg.data.image_size)
     loader = [(torch.rand(2, 3, 8, 8) * 2 - 1, None) for _ in range(3)]
     seen = []
 

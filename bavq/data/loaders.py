@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bavq.config import Config, ConfigError
+from bavq.config import ConfigError, DataConfig
 from bavq.data.shards import ShardEvalLoader, ShardTrainStream
 from bavq.data.sources import MapSplit, load_map_splits
 from bavq.data.transforms import ImageTransform, eval_transform, generator_for, train_transform
@@ -133,11 +133,12 @@ class _BatchIndices:
 class MapTrainStream:
     """TrainStream over a map-style split (see the module docstring for the exact order)."""
 
-    def __init__(self, cfg: Config, split: MapSplit, rank: int, world_size: int):
+    def __init__(self, data: DataConfig, split: MapSplit, rank: int, world_size: int, *, batch_size: int,
+                 seed: int):
         self.split, self.rank, self.world_size = split, rank, world_size
-        self.batch_size, self.seed = cfg.train.batch_size, cfg.train.seed
-        self.num_workers = cfg.data.num_workers
-        self.transform = train_transform(cfg.data)
+        self.batch_size, self.seed = batch_size, seed
+        self.num_workers = data.num_workers
+        self.transform = train_transform(data)
         self.num_samples = len(split)
         self.batches_per_epoch = self.num_samples // (world_size * self.batch_size)
         if self.batches_per_epoch < 1:
@@ -172,10 +173,10 @@ class MapTrainStream:
 class MapEvalLoader:
     """Finite held-out reader: rank r reads items r, r+W, ...; yields (images, keys)."""
 
-    def __init__(self, cfg: Config, split: MapSplit, rank: int, world_size: int):
-        self.split, self.transform = split, eval_transform(cfg.data)
+    def __init__(self, data: DataConfig, split: MapSplit, rank: int, world_size: int, *, batch_size: int):
+        self.split, self.transform = split, eval_transform(data)
         self.positions = list(range(rank, len(split), world_size))
-        self.batch_size, self.num_workers = cfg.eval.batch_size, cfg.data.num_workers
+        self.batch_size, self.num_workers = batch_size, data.num_workers
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -195,17 +196,21 @@ class MapEvalLoader:
 
 
 # ----------------------------------------------------------------------------- entry points
-def build_train_stream(cfg: Config, rank: int, world_size: int) -> TrainStream:
-    """The training stream of rank ``rank`` of ``world_size`` for ``cfg.data.source``."""
-    if cfg.data.source == "shards":
-        return ShardTrainStream(cfg, rank, world_size)
-    train, _ = load_map_splits(cfg.data)
-    return MapTrainStream(cfg, train, rank, world_size)
+def build_train_stream(data: DataConfig, rank: int, world_size: int, *, batch_size: int,
+                       seed: int) -> TrainStream:
+    """The training stream of rank ``rank`` of ``world_size`` for ``data.source``: ``batch_size``
+    (train.batch_size) images per rank per batch, in an order fixed by ``seed`` (train.seed)."""
+    if data.source == "shards":
+        return ShardTrainStream(data, rank, world_size, batch_size=batch_size, seed=seed)
+    train, _ = load_map_splits(data)
+    return MapTrainStream(data, train, rank, world_size, batch_size=batch_size, seed=seed)
 
 
-def build_eval_loader(cfg: Config, rank: int, world_size: int) -> Iterable[tuple[torch.Tensor, list[str]]]:
-    """Finite held-out batches (images in [-1, 1], keys) of this rank; every sample once across ranks."""
-    if cfg.data.source == "shards":
-        return ShardEvalLoader(cfg, rank, world_size)
-    _, val = load_map_splits(cfg.data)
-    return MapEvalLoader(cfg, val, rank, world_size)
+def build_eval_loader(data: DataConfig, rank: int, world_size: int, *,
+                      batch_size: int) -> Iterable[tuple[torch.Tensor, list[str]]]:
+    """Finite held-out batches (images in [-1, 1], keys) of this rank, at most ``batch_size``
+    (eval.batch_size) images each; every sample once across ranks."""
+    if data.source == "shards":
+        return ShardEvalLoader(data, rank, world_size, batch_size=batch_size)
+    _, val = load_map_splits(data)
+    return MapEvalLoader(data, val, rank, world_size, batch_size=batch_size)

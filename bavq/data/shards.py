@@ -33,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from bavq.config import Config, ConfigError
+from bavq.config import ConfigError, DataConfig
 from bavq.data.sources import IMAGE_EXTENSIONS, decode_image
 from bavq.data.transforms import ImageTransform, eval_transform, generator_for, mix_seed, train_transform
 
@@ -347,10 +347,10 @@ class ShardTrainStream:
     (each batch carries its worker's running count), so it lags by the batches still in flight.
     """
 
-    def __init__(self, cfg: Config, rank: int, world_size: int):
-        d = cfg.data
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.batch_size = cfg.train.batch_size
+    def __init__(self, data: DataConfig, rank: int, world_size: int, *, batch_size: int, seed: int):
+        d = data
+        self.data, self.rank, self.world_size = data, rank, world_size
+        self.batch_size, self.seed = batch_size, seed
         self.urls = expand_urls(d.train_shards)
         _check_local_shards(self.urls, "data.train_shards")
         sizes = read_sizes(self.urls)
@@ -377,7 +377,7 @@ class ShardTrainStream:
 
     def pipeline(self, start_batch: int) -> wds.DataPipeline:
         """The per-rank pipeline of a (re)start at ``start_batch`` (reseeded, not skipped)."""
-        seed = mix_seed(self.cfg.train.seed, start_batch)
+        seed = mix_seed(self.seed, start_batch)
         errors = ErrorCounter()
         workers = max(1, self.num_workers)
         return wds.DataPipeline(
@@ -385,8 +385,8 @@ class ShardTrainStream:
             partial(split_by_rank, rank=self.rank, world_size=self.world_size),
             wds.split_by_worker,
             ReadShards(errors, self.limits, num_shards=len(self.urls)),
-            SeededShuffle(self.cfg.data.shuffle_buffer, seed, self.rank),
-            DecodeBatch(train_transform(self.cfg.data), self.batch_size, errors, seed, self.rank),
+            SeededShuffle(self.data.shuffle_buffer, seed, self.rank),
+            DecodeBatch(train_transform(self.data), self.batch_size, errors, seed, self.rank),
         ).with_epoch(math.ceil(self.batches_per_epoch / workers))
 
     def iterate(self, start_batch: int = 0, position: list[int] | None = None) -> Iterator[torch.Tensor]:
@@ -405,7 +405,7 @@ class ShardTrainStream:
                 self.skipped = base + sum(per_worker.values())
                 yield images
             if received == 0:
-                raise DataStreamError(f"no readable samples in {self.cfg.data.train_shards} "
+                raise DataStreamError(f"no readable samples in {self.data.train_shards} "
                                       f"({self.skipped} corrupt samples skipped); check them with `bavq-prep verify`")
 
 
@@ -413,12 +413,12 @@ class ShardTrainStream:
 class ShardEvalLoader:
     """Finite reader of ``data.val_shards``: every sample once across ranks; yields (images, keys)."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int):
-        d = cfg.data
+    def __init__(self, data: DataConfig, rank: int, world_size: int, *, batch_size: int):
+        d = data
         if not d.val_shards:
             raise ConfigError("config key 'data.val_shards': data.source=shards needs validation shards "
                               "(e.g. /data/val-{000000..000004}.tar)")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.data, self.rank, self.world_size, self.batch_size = data, rank, world_size, batch_size
         self.urls = expand_urls(d.val_shards)
         _check_local_shards(self.urls, "data.val_shards")
         self.limits = None
@@ -441,7 +441,7 @@ class ShardEvalLoader:
             partial(split_by_rank, rank=self.rank, world_size=self.world_size),
             wds.split_by_worker,
             ReadShards(errors, self.limits),
-            DecodeBatch(eval_transform(self.cfg.data), self.cfg.eval.batch_size, errors, keep_last=True),
+            DecodeBatch(eval_transform(self.data), self.batch_size, errors, keep_last=True),
         )
         loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers)
         per_worker: dict[int, int] = {}

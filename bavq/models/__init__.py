@@ -7,39 +7,38 @@ from __future__ import annotations
 
 from torch import nn
 
-from bavq.config import Config, ConfigError
+from bavq.config import Config, ConfigError, LossConfig, ModelConfig, QuantizerConfig
 
 from .discriminator import NLayerDiscriminator
 from .perceptual import LPIPS, convert_lpips_weights
 from .vqgan import VQGAN
 from .vqvae import VQVAE
 
-__all__ = ["LPIPS", "NLayerDiscriminator", "VQGAN", "VQVAE", "build_discriminator", "build_lpips",
-           "build_model", "compile_autoencoder", "convert_lpips_weights", "plain_generator"]
+__all__ = ["LPIPS", "NLayerDiscriminator", "VQGAN", "VQVAE", "build_discriminator", "build_model",
+           "compile_autoencoder", "convert_lpips_weights", "plain_generator"]
 
 
-def build_model(cfg: Config, quantizer: nn.Module) -> nn.Module:
-    """The tokenizer named by ``cfg.model.arch`` around ``quantizer``.
+def build_model(cfg: ModelConfig, quantizer_cfg: QuantizerConfig, quantizer: nn.Module, *,
+                image_size: int) -> nn.Module:
+    """The tokenizer named by ``cfg.arch`` (the ``model`` section, validated here) around ``quantizer``.
 
-    Widths and depths come from ``cfg.model``; the VQ-GAN's ``resolution`` is ``cfg.data.image_size``.
+    ``quantizer`` must have the ``quantizer_cfg.code_dim`` its config section says; ``image_size``
+    (data.image_size) must be a multiple of the down-sampling factor and is the VQ-GAN's ``resolution``.
     """
-    m = cfg.model
-    if getattr(quantizer, "code_dim", None) != cfg.quantizer.code_dim:
-        raise ConfigError(f"config key 'quantizer.code_dim': is {cfg.quantizer.code_dim} but the quantizer "
+    cfg.validate()
+    if getattr(quantizer, "code_dim", None) != quantizer_cfg.code_dim:
+        raise ConfigError(f"config key 'quantizer.code_dim': is {quantizer_cfg.code_dim} but the quantizer "
                           f"has code_dim {getattr(quantizer, 'code_dim', None)}")
-    common = dict(in_channels=m.in_channels, base_channels=m.base_channels,
-                  channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks, dropout=m.dropout)
-    n = len(m.channel_mult)
-    factor = 2 ** n if m.arch == "vqvae" else 2 ** (n - 1)
-    if cfg.data.image_size % factor:
-        raise ConfigError(f"config key 'data.image_size': {cfg.data.image_size} is not a multiple of the "
-                          f"{m.arch} down-sampling factor {factor} (model.channel_mult {m.channel_mult})")
-    if m.arch == "vqvae":
+    common = dict(in_channels=cfg.in_channels, base_channels=cfg.base_channels,
+                  channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout)
+    n = len(cfg.channel_mult)
+    factor = 2 ** n if cfg.arch == "vqvae" else 2 ** (n - 1)
+    if image_size % factor:
+        raise ConfigError(f"config key 'data.image_size': {image_size} is not a multiple of the "
+                          f"{cfg.arch} down-sampling factor {factor} (model.channel_mult {cfg.channel_mult})")
+    if cfg.arch == "vqvae":
         return VQVAE(quantizer, **common)
-    if m.arch == "vqgan":
-        return VQGAN(quantizer, attn_resolutions=tuple(m.attn_resolutions), resolution=cfg.data.image_size,
-                     **common)
-    raise ConfigError(f"config key 'model.arch': '{m.arch}' is not one of vqvae, vqgan")
+    return VQGAN(quantizer, attn_resolutions=tuple(cfg.attn_resolutions), resolution=image_size, **common)
 
 
 def compile_autoencoder(model: nn.Module, backend: str = "inductor") -> nn.Module:
@@ -67,7 +66,7 @@ def plain_generator(cfg: Config, state: dict, device="cpu") -> nn.Module:
     from bavq.quantizers import build_quantizer
 
     with torch.device("cpu"):  # built on the host (the codebook's generator is a CPU one), then moved
-        model = build_model(cfg, build_quantizer(cfg.quantizer))
+        model = build_model(cfg.model, cfg.quantizer, build_quantizer(cfg.quantizer), image_size=cfg.data.image_size)
     fp32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(fp32, strict=False)
     if missing or unexpected:
@@ -75,15 +74,9 @@ def plain_generator(cfg: Config, state: dict, device="cpu") -> nn.Module:
     return model.float().to(device).eval()
 
 
-def build_discriminator(cfg: Config) -> nn.Module | None:
-    """PatchGAN from cfg.model.disc_*, or None when the GAN loss is off (loss.disc_weight == 0)."""
-    if cfg.loss.disc_weight == 0:
+def build_discriminator(cfg: ModelConfig, loss: LossConfig) -> nn.Module | None:
+    """PatchGAN from the ``model`` section's disc_* fields, or None when the GAN loss is off
+    (``loss.disc_weight == 0``)."""
+    if loss.disc_weight == 0:
         return None
-    return NLayerDiscriminator(cfg.model.in_channels, cfg.model.disc_channels, cfg.model.disc_layers)
-
-
-def build_lpips(cfg: Config) -> LPIPS | None:
-    """LPIPS from the local file loss.lpips_weights, or None when loss.perceptual_weight == 0."""
-    if cfg.loss.perceptual_weight == 0:
-        return None
-    return LPIPS.from_file(cfg.loss.lpips_weights)
+    return NLayerDiscriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers)

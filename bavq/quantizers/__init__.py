@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-from bavq.config import ConfigError, QuantizerConfig
+from bavq.config import QuantizerConfig
 from bavq.quantizers.ba_vq import BAVQ
 from bavq.quantizers.base import Quantizer, QuantizerOutput
+from bavq.quantizers.checks import check_name
 from bavq.quantizers.vq_ema import VQEMA
 
 __all__ = ["BAVQ", "VQEMA", "Quantizer", "QuantizerOutput", "build_quantizer"]
@@ -15,7 +16,9 @@ __all__ = ["BAVQ", "VQEMA", "Quantizer", "QuantizerOutput", "build_quantizer"]
 
 def build_quantizer(cfg: QuantizerConfig, *, seed: int = 0, usage_window: int = 65536) -> Quantizer:
     """The quantizer described by ``cfg``; ``seed`` (train.seed) drives the random init and restarts
-    identically on every rank, ``usage_window`` (log.usage_window) sizes the window-usage metric."""
+    identically on every rank, ``usage_window`` (log.usage_window) sizes the window-usage metric.
+    An unknown ``name`` or a bad field raises ConfigError naming its key."""
+    check_name(cfg.name)
     common = dict(
         decay=cfg.decay, eps=cfg.eps, commitment=cfg.commitment, chunk_size=cfg.chunk_size,
         chunk_budget_mib=cfg.chunk_budget_mib, init=cfg.init, dead_code_threshold=cfg.dead_code_threshold,
@@ -23,15 +26,13 @@ def build_quantizer(cfg: QuantizerConfig, *, seed: int = 0, usage_window: int = 
     )
     if cfg.name == "vq_ema":
         return VQEMA(cfg.num_codes, cfg.code_dim, **common)
-    if cfg.name == "ba_vq":
-        return BAVQ(
-            cfg.num_codes, cfg.code_dim, beta_mode=cfg.beta_mode, beta_start=cfg.beta_start,
-            beta_end=cfg.beta_end, beta_anneal_steps=cfg.beta_anneal_steps,
-            adaptive_c_start=cfg.adaptive_c_start, adaptive_c_end=cfg.adaptive_c_end,
-            max_beta_growth=cfg.max_beta_growth, entropy_weight=cfg.entropy_weight,
-            prior_floor=cfg.prior_floor, assign=cfg.assign, entropy_loss_weight=cfg.entropy_loss_weight,
-            anneal_start_nats=cfg.anneal_start_nats, anneal_end_nats=cfg.anneal_end_nats,
-            anneal_rate=cfg.anneal_rate, estep=cfg.estep, balance_iters=cfg.balance_iters,
-            balance_target=cfg.balance_target, **common,
-        )
-    raise ConfigError(f"config key 'quantizer.name': '{cfg.name}' is not one of vq_ema, ba_vq")
+    return BAVQ(
+        cfg.num_codes, cfg.code_dim, beta_mode=cfg.beta_mode, beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end, beta_anneal_steps=cfg.beta_anneal_steps,
+        adaptive_c_start=cfg.adaptive_c_start, adaptive_c_end=cfg.adaptive_c_end,
+        max_beta_growth=cfg.max_beta_growth, entropy_weight=cfg.entropy_weight,
+        prior_floor=cfg.prior_floor, assign=cfg.assign, entropy_loss_weight=cfg.entropy_loss_weight,
+        anneal_start_nats=cfg.anneal_start_nats, anneal_end_nats=cfg.anneal_end_nats,
+        anneal_rate=cfg.anneal_rate, estep=cfg.estep, balance_iters=cfg.balance_iters,
+        balance_target=cfg.balance_target, **common,
+    )

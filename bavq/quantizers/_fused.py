@@ -24,7 +24,7 @@ same loop without the soft part.
 The extension is compiled on first use with ``torch.utils.cpp_extension.load_inline`` into
 ``$TORCH_EXTENSIONS_DIR`` (the project's ``.torch_extensions`` when unset and writable). When no
 compiler is available or the build fails, :func:`available` returns False (with the reason in
-:func:`unavailable_reason`) and ``_ops.soft_assign`` runs its eager code, which stays the reference.
+:func:`unavailable_reason`) and ``_soft.soft_assign`` runs its eager code, which stays the reference.
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def _workers(rows_budget: int, rows: int) -> int:
 
 @torch.no_grad()
 def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor] | None:
-    """``_ops.nearest_codes`` (same addmm, so the same codes) in cache-sized chunks under one parallel
+    """``_nearest.nearest_codes`` (same addmm, so the same codes) in cache-sized chunks under one parallel
     region (5x faster at K = 16,384, D = 8); None when the extension is unavailable or D > 64."""
     if x.shape[1] > 64:  # GEMM-bound: measured no faster than the eager loop at D = 256 (README)
         return None
@@ -307,7 +307,7 @@ def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tenso
 def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: float, rows: int,
                 nearest: bool, exact_rows: bool = False) -> dict[str, Tensor] | None:
     """The fused E-step: same inputs and outputs (as a dict of SoftStats fields) as
-    ``_ops.soft_assign``; None when the extension is unavailable. Chunks of
+    ``_soft.soft_assign``; None when the extension is unavailable. Chunks of
     ``cache_rows(K, D, rows)`` rows, or exactly ``rows`` with ``exact_rows`` (benchmarks); at most
     ``rows`` rows of buffers in all (the caller's memory budget) over the parallel workers."""
     module = _load()

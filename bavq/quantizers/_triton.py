@@ -226,14 +226,14 @@ def col_pass(x: Tensor, codebook: Tensor, beta: float, code_bias: Tensor | None 
 
 
 def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-    """``_ops.nearest_codes`` as one row pass without the soft part (``rows`` is not needed)."""
+    """``_nearest.nearest_codes`` as one row pass without the soft part (``rows`` is not needed)."""
     r = row_pass(x, codebook, 0.0, soft=False, allow_tf32=ALLOW_TF32)
     return r["argmin_d"], (r["min_d"] + x.float().square().sum(1)).clamp_(min=0.0)
 
 
 def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: float, rows: int,
                 nearest: bool) -> dict[str, Tensor]:
-    """``_ops.soft_assign`` (same inputs, SoftStats fields as a dict) in two passes, no N x K."""
+    """``_soft.soft_assign`` (same inputs, SoftStats fields as a dict) in two passes, no N x K."""
     r = row_pass(x, codebook, beta, log_weight, allow_tf32=ALLOW_TF32)
     cols = col_pass(x, codebook, beta, log_weight, -r["lse"], allow_tf32=ALLOW_TF32)
     scale = cols["col_max"].exp()

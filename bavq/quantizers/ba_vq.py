@@ -25,13 +25,11 @@ from torch import Tensor
 
 from bavq import dist
 from bavq.metrics import entropy_of_counts
-from bavq.quantizers import _ops
-from bavq.quantizers.base import Quantizer, _require
+from bavq.quantizers import _entropy_loss, _nearest, _sinkhorn, _soft
+from bavq.quantizers.base import Quantizer
+from bavq.quantizers.checks import check_ba_vq_args
 
 _NUM_SCALARS = 5  # vectors, sum min d, sum d(x, index(x)), sum H(p(.|x)), sum_x sum_k p d
-BETA_MODES = ("anneal", "adaptive", "fixed")
-ESTEPS = ("softmax", "balanced")
-BALANCE_TARGETS = ("uniform", "prior")
 
 
 def geometric(start: float, end: float, step: int, steps: int) -> float:
@@ -94,22 +92,6 @@ class BAVQ(Quantizer):
                  anneal_start_nats: float = 1.0, anneal_end_nats: float = 32.0, anneal_rate: float = 0.5,
                  estep: str = "softmax", balance_iters: int = 3, balance_target: str = "uniform", **common):
         super().__init__(num_codes, code_dim, **common)
-        _require(beta_mode in BETA_MODES, f"beta_mode must be one of {', '.join(BETA_MODES)}, got '{beta_mode}'")
-        _require(0 < anneal_start_nats < anneal_end_nats,
-                 f"need 0 < anneal_start_nats < anneal_end_nats, got {anneal_start_nats}, {anneal_end_nats}")
-        _require(0 < anneal_rate <= 1, f"anneal_rate must be in (0, 1], got {anneal_rate}")
-        _require(estep in ESTEPS, f"estep must be one of {', '.join(ESTEPS)}, got '{estep}'")
-        _require(balance_iters >= 1, f"balance_iters must be >= 1, got {balance_iters}")
-        _require(balance_target in BALANCE_TARGETS,
-                 f"balance_target must be one of {', '.join(BALANCE_TARGETS)}, got '{balance_target}'")
-        _require(min(beta_start, beta_end, adaptive_c_start, adaptive_c_end) > 0,
-                 "beta_start, beta_end, adaptive_c_start and adaptive_c_end must be > 0")
-        _require(beta_anneal_steps >= 0, f"beta_anneal_steps must be >= 0, got {beta_anneal_steps}")
-        _require(max_beta_growth > 0, f"max_beta_growth must be > 0, got {max_beta_growth}")
-        _require(entropy_weight >= 0, f"entropy_weight must be >= 0, got {entropy_weight}")
-        _require(prior_floor > 0, f"prior_floor must be > 0, got {prior_floor}")
-        _require(assign in ("nearest", "map"), f"assign must be 'nearest' or 'map', got '{assign}'")
-        _require(entropy_loss_weight >= 0, f"entropy_loss_weight must be >= 0, got {entropy_loss_weight}")
         self.beta_mode, self.beta_start, self.beta_end = beta_mode, beta_start, beta_end
         self.beta_anneal_steps, self.max_beta_growth = beta_anneal_steps, max_beta_growth
         self.adaptive_c_start, self.adaptive_c_end = adaptive_c_start, adaptive_c_end
@@ -118,6 +100,7 @@ class BAVQ(Quantizer):
         self.anneal_start_nats, self.anneal_end_nats = anneal_start_nats, anneal_end_nats
         self.anneal_rate = anneal_rate
         self.estep, self.balance_iters, self.balance_target = estep, balance_iters, balance_target
+        check_ba_vq_args(self)
         self.register_buffer("log_prior", torch.full((num_codes,), -math.log(num_codes)))
         self.register_buffer("beta", torch.tensor(beta_start if beta_mode == "fixed" else 0.0))
         self.register_buffer("d_hat", torch.tensor(-1.0))
@@ -133,7 +116,7 @@ class BAVQ(Quantizer):
 
     def _measure_first_d_hat(self, x: Tensor) -> None:
         """Adaptive beta needs D_hat before the first E-step: one extra (tiny) all-reduce, once."""
-        _, min_dist = _ops.nearest_codes(x, self.codebook, self.rows_per_chunk)
+        _, min_dist = _nearest.nearest_codes(x, self.codebook, self.rows_per_chunk)
         totals = torch.stack([min_dist.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
         dist.all_reduce_sum(totals)
         self.d_hat.fill_(float(totals[0] / totals[1].clamp_min(1.0)))
@@ -142,7 +125,7 @@ class BAVQ(Quantizer):
     def _measure_start(self, x: Tensor) -> None:
         """Anneal mode's hot start, from the first GLOBAL batch (collective, once): D_hat and
         beta_0 = anneal_start_nats / spread (see :meth:`_reach_beta`)."""
-        gaps, min_dist = _ops.code_gaps(x, self.codebook, self.rows_per_chunk)
+        gaps, min_dist = _nearest.code_gaps(x, self.codebook, self.rows_per_chunk)
         largest_gap = dist.all_reduce_max(gaps.neg()).neg().max()  # a code's gap is its min over ranks
         totals = dist.all_reduce_sum(torch.cat([min_dist.sum().reshape(1), _moments(x)]))
         self.d_hat.fill_(float(totals[0] / totals[1].clamp_min(1.0)))
@@ -182,14 +165,14 @@ class BAVQ(Quantizer):
         elif self.beta_mode == "anneal":
             if float(self.d_hat) < 0:
                 self._measure_start(rows)
-            gaps = _ops.code_gaps(rows, self.codebook, self.rows_per_chunk)[0]
+            gaps = _nearest.code_gaps(rows, self.codebook, self.rows_per_chunk)[0]
             # min over micro-batches here and over ranks at the update: the gaps of the global batch
             self._pending_gaps = gaps if self._pending_gaps is None else torch.minimum(self._pending_gaps, gaps)
         beta = float(self.beta)
         log_weight = self._log_weight()
         if self.estep == "balanced":
             log_weight = self._balanced_log_weight(rows, log_weight, beta)
-        st = _ops.soft_assign(rows, self.codebook, log_weight, beta, self.rows_per_chunk,
+        st = _soft.soft_assign(rows, self.codebook, log_weight, beta, self.rows_per_chunk,
                               nearest=self.assign == "nearest")
         counts = torch.bincount(st.indices, minlength=self.num_codes).to(rows.dtype)
         scalars = torch.stack([rows.new_full((), rows.shape[0]), st.min_dist.sum(),
@@ -213,11 +196,11 @@ class BAVQ(Quantizer):
             log_ratio = torch.full_like(self.log_prior, -math.log(self.num_codes))
         else:
             log_ratio = self.log_prior
-        v = _ops.balance_potentials(rows, self.codebook, log_weight, beta, self.rows_per_chunk, log_ratio,
+        v = _sinkhorn.balance_potentials(rows, self.codebook, log_weight, beta, self.rows_per_chunk, log_ratio,
                                     self.balance_iters)
         return v if log_weight is None else log_weight + v
 
-    def _entropy_loss(self, x: Tensor, st: _ops.SoftStats, log_weight: Tensor | None, beta: float) -> Tensor:
+    def _entropy_loss(self, x: Tensor, st: _soft.SoftStats, log_weight: Tensor | None, beta: float) -> Tensor:
         """mean_x H(p(.|x)) - H(mean_x p) over the GLOBAL batch, with a chunked backward.
 
         Its mean-p term is all-reduced before the entropy (one extra all-reduce of K + 2 values,
@@ -235,18 +218,18 @@ class BAVQ(Quantizer):
         # EntropyLoss scales its row gradients by 1 / (rows of this call); the global loss wants
         # 1 / n_global per row, times R for the data-parallel average.
         scale = dist.get_world_size() * x.shape[0] / n_global
-        return _ops.EntropyLoss.apply(x, value, self.codebook.clone(), weight, log_mean_p, beta,
+        return _entropy_loss.EntropyLoss.apply(x, value, self.codebook.clone(), weight, log_mean_p, beta,
                                       self.rows_per_chunk, scale)
 
     def _eval_indices(self, x: Tensor) -> Tensor:
         beta = float(self.beta)
         if self.assign == "nearest" or beta <= 0:  # adaptive beta unknown before training: nearest
-            return _ops.nearest_codes(x, self.codebook, self.rows_per_chunk)[0]
+            return _nearest.nearest_codes(x, self.codebook, self.rows_per_chunk)[0]
         log_weight = self._log_weight()
         bias = -beta * self.codebook.square().sum(1)
         if log_weight is not None:
             bias = bias + log_weight
-        return _ops.best_scores(x, self.codebook, bias, 2.0 * beta, self.rows_per_chunk)
+        return _nearest.best_scores(x, self.codebook, bias, 2.0 * beta, self.rows_per_chunk)
 
     # ------------------------------------------------------------------ M-step and schedules
     def _apply_update(self, stats: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

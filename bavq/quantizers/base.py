@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from bavq import dist
 from bavq.metrics import WindowUsage, entropy_of_counts
-from bavq.quantizers import _ops
+from bavq.quantizers import _ops, _sampling
+from bavq.quantizers.checks import check_codebook_args
 
 _PURPOSE_INIT, _PURPOSE_RESTART, _PURPOSE_RANDOM = 1, 2, 3
 
@@ -36,11 +37,6 @@ class QuantizerOutput:
     indices: Tensor  # (B, *spatial) int64
     loss: Tensor  # scalar added to the generator loss (commitment, optional entropy term)
     metrics: dict[str, Tensor] = field(default_factory=dict)  # 0-dim tensors for logging
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 class Quantizer(nn.Module):
@@ -60,6 +56,9 @@ class Quantizer(nn.Module):
         l2_normalize: quantize unit vectors with unit codes (inputs and codes normalized).
         seed: seed of every random draw (init, restarts); identical on all ranks by design.
         usage_window: tokens in the sliding window of the ``usage_window`` metric.
+
+    A bad argument raises :class:`~bavq.config.ConfigError` (a ValueError) naming its config key,
+    ``quantizer.<argument>``, from the rules in :mod:`bavq.quantizers.checks`.
     """
 
     auto_update: bool
@@ -69,22 +68,15 @@ class Quantizer(nn.Module):
                  init: str = "random", dead_code_threshold: float = 0.0, l2_normalize: bool = False,
                  seed: int = 0, usage_window: int = 65536):
         super().__init__()
-        _require(num_codes >= 2, f"num_codes must be >= 2, got {num_codes}")
-        _require(code_dim >= 1, f"code_dim must be >= 1, got {code_dim}")
-        _require(0.0 <= decay < 1.0, f"decay must be in [0, 1), got {decay}")
-        _require(eps > 0, f"eps must be > 0, got {eps}")
-        _require(commitment >= 0, f"commitment must be >= 0, got {commitment}")
-        _require(chunk_size > 0 and chunk_budget_mib > 0, "chunk_size and chunk_budget_mib must be > 0")
-        _require(init in ("random", "data"), f"init must be 'random' or 'data', got '{init}'")
-        _require(dead_code_threshold >= 0, f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
         self.num_codes, self.code_dim = num_codes, code_dim
         self.decay, self.eps, self.commitment = decay, eps, commitment
         self.chunk_size, self.chunk_budget_mib = chunk_size, chunk_budget_mib
         self.init, self.dead_code_threshold = init, dead_code_threshold
         self.l2_normalize, self.seed = l2_normalize, seed
+        check_codebook_args(self)
         self.auto_update = True
 
-        generator = _ops.shared_generator(seed, 0, _PURPOSE_RANDOM)
+        generator = _sampling.shared_generator(seed, 0, _PURPOSE_RANDOM)
         codes = torch.randn(num_codes, code_dim, generator=generator)
         if l2_normalize:
             codes = F.normalize(codes, dim=1)
@@ -186,9 +178,9 @@ class Quantizer(nn.Module):
         """Codes drawn from the first global batch, identically on every rank (collective).
 
         When K exceeds the global batch's rows, rows are drawn with replacement and the repeated
-        copies get small noise (:func:`_ops.jitter_duplicates`), so the K codes are distinct."""
-        generator = _ops.shared_generator(self.seed, int(self.step), _PURPOSE_INIT)
-        codes = _ops.jitter_duplicates(_ops.sample_global_rows(x, self.num_codes, generator), generator)
+        copies get small noise (:func:`_sampling.jitter_duplicates`), so the K codes are distinct."""
+        generator = _sampling.shared_generator(self.seed, int(self.step), _PURPOSE_INIT)
+        codes = _sampling.jitter_duplicates(_sampling.sample_global_rows(x, self.num_codes, generator), generator)
         if self.l2_normalize:
             codes = F.normalize(codes, dim=1)
         self.codebook.copy_(codes)
@@ -208,8 +200,8 @@ class Quantizer(nn.Module):
         num_dead = int(dead.sum())
         if num_dead == 0:
             return torch.zeros((), device=self.codebook.device)
-        generator = _ops.shared_generator(self.seed, int(self.step), _PURPOSE_RESTART)
-        fresh = _ops.sample_global_rows(torch.cat(self._pool), num_dead, generator)
+        generator = _sampling.shared_generator(self.seed, int(self.step), _PURPOSE_RESTART)
+        fresh = _sampling.sample_global_rows(torch.cat(self._pool), num_dead, generator)
         self.codebook[dead] = fresh
         self.ema_count[dead] = self.dead_code_threshold
         self.ema_sum[dead] = fresh * self.dead_code_threshold

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bavq.quantizers import _ops
+from bavq.quantizers import _nearest
 from bavq.quantizers.base import Quantizer
 
 
@@ -23,13 +23,13 @@ class VQEMA(Quantizer):
 
     def _train_stats(self, x: Tensor) -> tuple[Tensor, Tensor, None]:
         rows = x.detach()
-        indices, min_dist = _ops.nearest_codes(rows, self.codebook, self.rows_per_chunk)
-        counts, sums = _ops.hard_sums(rows, indices, self.num_codes)
+        indices, min_dist = _nearest.nearest_codes(rows, self.codebook, self.rows_per_chunk)
+        counts, sums = _nearest.hard_sums(rows, indices, self.num_codes)
         scalars = torch.stack([rows.new_full((), rows.shape[0]), min_dist.sum()])
         return indices, torch.cat([counts, sums.reshape(-1), scalars]), None
 
     def _eval_indices(self, x: Tensor) -> Tensor:
-        return _ops.nearest_codes(x, self.codebook, self.rows_per_chunk)[0]
+        return _nearest.nearest_codes(x, self.codebook, self.rows_per_chunk)[0]
 
     def _apply_update(self, stats: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         num_codes, dim = self.num_codes, self.code_dim

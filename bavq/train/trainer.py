@@ -79,7 +79,8 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.stream = build_train_stream(cfg, self.rank, self.world)
+        self.stream = build_train_stream(cfg.data, self.rank, self.world, batch_size=cfg.train.batch_size,
+                                         seed=cfg.train.seed)
         per_step = cfg.train.grad_accum
         if cfg.train.max_steps > 0:
             self.total_steps = cfg.train.max_steps
@@ -92,10 +93,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights and codebook on every rank
         quantizer = build_quantizer(cfg.quantizer, seed=cfg.train.seed, usage_window=cfg.log.usage_window)
         quantizer.auto_update = cfg.train.grad_accum == 1
-        model = build_model(cfg, quantizer)
+        model = build_model(cfg.model, cfg.quantizer, quantizer, image_size=cfg.data.image_size)
         if cfg.train.compile:
             compile_autoencoder(model, cfg.train.compile_backend)
-        disc = build_discriminator(cfg)
+        disc = build_discriminator(cfg.model, cfg.loss)
         perceptual = None
         if cfg.loss.perceptual_weight > 0:
             from bavq.models.perceptual import LPIPS
@@ -353,7 +354,8 @@ class Trainer:
         DeepSpeed weights and fp32 images never meet, and every backend evaluates alike."""
         source = self.ema.module if self.ema is not None else self.unwrapped
         model = plain_generator(self.cfg, source.state_dict(), self.accelerator.device)
-        loader = interruptible(build_eval_loader(self.cfg, self.rank, self.world), lambda: self.preempt.requested)
+        loader = build_eval_loader(self.cfg.data, self.rank, self.world, batch_size=self.cfg.eval.batch_size)
+        loader = interruptible(loader, lambda: self.preempt.requested)
         return model, evaluate_model(model, loader, self.cfg, self.accelerator.device)
 
     def evaluate(self) -> dict:

@@ -298,6 +298,23 @@ def _one_line(exc) -> str:
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
+# Keys older versions wrote into every saved config.yaml, with the one value they could hold. A saved
+# run (checkpoint, export) keeps loading; any other value is an error naming the key.
+RETIRED_KEYS = {("loss", "disc_loss"): "hinge"}
+
+
+def _drop_retired(data) -> None:
+    """Remove retired keys (in place) from a loaded mapping, refusing values that were never valid."""
+    for (section, key), only_value in RETIRED_KEYS.items():
+        group = data.get(section) if hasattr(data, "get") else None
+        if group is None or not hasattr(group, "get") or key not in group:
+            continue
+        if group[key] != only_value:
+            raise ConfigError(f"config key '{section}.{key}': was removed (only '{only_value}' was ever "
+                              f"supported); delete it")
+        group.pop(key)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides; validated."""
     from omegaconf import DictConfig, OmegaConf
@@ -312,6 +329,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = OmegaConf.load(path)
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+            _drop_retired(loaded)
             base = OmegaConf.merge(base, loaded)
         for item in overrides:
             if "=" not in item:
@@ -340,7 +358,9 @@ def from_dict(data: dict[str, Any]) -> Config:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
+        loaded = OmegaConf.create(data)
+        _drop_retired(loaded)
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), loaded))
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
     return cfg.validate()

@@ -91,3 +91,20 @@ def test_every_field_is_documented_in_the_readme():
 def test_mixed_precision_no_on_the_command_line_means_no():
     """YAML 1.1 reads a bare `no` as false; the key's own value "no" must still be accepted."""
     assert load_config(None, ["train.max_steps=1", "train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_saved_configs_with_a_retired_key_keep_loading(tmp_path):
+    """Run folders saved before loss.disc_loss was removed still load (resume, eval, from_pretrained);
+    a value other than the only one it could hold is an error naming the key."""
+    current = load_config(None, ["train.max_steps=5"])
+    old = to_dict(current)
+    old["loss"]["disc_loss"] = "hinge"
+    assert from_dict(old) == current
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  max_steps: 5\nloss:\n  disc_loss: hinge\n")
+    assert load_config(path) == current
+    path.write_text("train:\n  max_steps: 5\nloss:\n  disc_loss: vanilla\n")
+    with pytest.raises(ConfigError, match=r"loss\.disc_loss.*removed"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="disc_loss"):
+        load_config(None, ["loss.disc_loss=hinge"])  # a new command line must not set it

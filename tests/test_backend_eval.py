@@ -15,9 +15,9 @@ from test_train import image_folder, run_cli, tiny_overrides  # noqa: F401 - ima
 
 from bavq.config import load_config
 from bavq.data import build_eval_loader
-from bavq.evaluate import evaluate_model
+from bavq.evaluation import evaluate_model
 from bavq.models import plain_generator
-from bavq.train.checkpoint import load_generator_state
+from bavq.weights import load_generator_state
 
 
 @pytest.mark.slow

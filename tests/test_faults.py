@@ -21,8 +21,9 @@ from test_train import ROOT, make_image_folder, read_jsonl, run_cli, tiny_overri
 
 from bavq.config import load_config
 from bavq.slurm import job_env, run_script
-from bavq.train.checkpoint import checkpoint_step, list_checkpoints, verify_checkpoint
+from bavq.train.checkpoint import checkpoint_step, list_checkpoints
 from bavq.train.schedule import lr_at
+from bavq.weights import verify_checkpoint
 
 TRAIN = ROOT / "slurm" / "train.sbatch"
 ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -152,7 +153,7 @@ def test_shards_deleted_and_truncated_mid_stream_are_skipped_and_counted(tmp_pat
 
 
 def test_exit_status_file_keeps_a_decided_code_over_a_later_crash(tmp_path, monkeypatch):
-    from bavq.train.exitstatus import write_exit_status
+    from bavq.exitstatus import write_exit_status
 
     path = tmp_path / "status"
     monkeypatch.setenv("BAVQ_EXIT_FILE", str(path))
@@ -292,7 +293,7 @@ def slow(self):  # a long evaluation: every batch takes `pause` seconds; the mar
         yield batch
 
 loaders.MapEvalLoader.__iter__ = slow
-from bavq.cli import train_main
+from bavq.train.main import main as train_main
 sys.exit(train_main(sys.argv[1:], prog="slow-eval"))
 '''
 
@@ -326,7 +327,7 @@ from pathlib import Path
 
 import accelerate.checkpointing, safetensors.torch, yaml  # noqa: F401,E401 - import once, before forking:
 import bavq.data.sources, bavq.train.trainer  # noqa: F401,E401 - the runs should pay for the run, not imports
-from bavq.cli import train_main
+from bavq.train.main import main as train_main
 from bavq.train.checkpoint import list_checkpoints
 
 args, root, runs = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

@@ -115,8 +115,8 @@ def test_launch_command_is_accepted_by_accelerate_and_bavq_train(monkeypatch):
     loads the config file) and the trainer's command line + config loading."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    from bavq.cli import _train_overrides, train_parser
     from bavq.config import load_config
+    from bavq.train.main import _train_overrides, train_parser
 
     monkeypatch.chdir(ROOT)
     for backend in ("ddp", "deepspeed"):
@@ -225,7 +225,7 @@ def test_array_tasks_write_disjoint_shards_that_together_are_complete(tmp_path):
     """Each fake array task's recorded bavq-prep command, run for real: disjoint, complete shards."""
     from PIL import Image
 
-    from bavq.data import prep
+    from bavq import prep
 
     src, out = tmp_path / "images", tmp_path / "shards"
     for i in range(9):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import bavq
-from bavq.cli import export_main
 from bavq.config import ConfigError
 from bavq.data import build_eval_loader
+from bavq.export import main as export_main
 from bavq.tokenizer import Tokenizer
 
 

@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 from bavq import dist
+from bavq.backend import make_accelerator
 from bavq.config import Config, save_config, to_dict
 from bavq.data import build_eval_loader, build_train_stream
-from bavq.evaluate import evaluate_model, write_final_outputs
+from bavq.evaluation import evaluate_model, write_final_outputs
 from bavq.losses import GeneratorLoss, discriminator_loss
 from bavq.models import build_discriminator, build_model, compile_autoencoder, plain_generator
 from bavq.paths import removed_on_failure
 from bavq.quantizers import build_quantizer
 from bavq.train import checkpoint as ckpt
-from bavq.train.backend import make_accelerator
-from bavq.train.exitstatus import EXIT_PREEMPTED  # noqa: F401 - re-exported (the CLI imports it from here)
+from bavq.train.deepspeed_backend import deepspeed_plugins
 from bavq.train.run_logger import RunLogger, choose_trackers
 from bavq.train.runlock import acquire_run_lock
 from bavq.train.schedule import lr_at, set_lr
@@ -49,7 +49,8 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         trackers = choose_trackers(cfg.log.wandb, cfg.log.tensorboard, self._warn)
-        self.accelerator = make_accelerator(cfg, str(self.run_dir), trackers)
+        self.accelerator = make_accelerator(cfg, str(self.run_dir), trackers,
+                                            deepspeed_plugins if cfg.train.backend == "deepspeed" else None)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self._guard_run()
         self._build_data()

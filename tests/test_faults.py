@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _fake_slurm import job_env, run_script
 from test_resume import loss_rows, start_training, wait_for
 from test_train import ROOT, make_image_folder, read_jsonl, run_cli, tiny_overrides
 
 from bavq.config import load_config
-from bavq.slurm import job_env, run_script
 from bavq.train.checkpoint import checkpoint_step, list_checkpoints
 from bavq.train.schedule import lr_at
 from bavq.weights import verify_checkpoint

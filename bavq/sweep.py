@@ -271,12 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bavq-sweep: interrupted; rerun with --skip-done to continue", file=sys.stderr)
         return 130
     status = 0
-    if args.report:
-        from bavq import report
-
+    if args.report:  # bavq-report is another application: run it as one, like the cells
         finished = [str(c.run_dir) for c in cells if c.done]
-        status = report.main([*finished, "--out", args.report]) if finished else \
-            fail("bavq-sweep", "no finished cells to report on")
+        status = subprocess.run([sys.executable, "-m", "bavq.report", *finished, "--out", args.report]).returncode \
+            if finished else fail("bavq-sweep", "no finished cells to report on")
     if failures:
         print(f"bavq-sweep: {len(failures)} of {len(cells)} cells failed:\n  " + "\n  ".join(failures),
               file=sys.stderr)

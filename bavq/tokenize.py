@@ -33,12 +33,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bavq import __version__, dist
-from bavq.cli import EXIT_USAGE, OneLineParser
+from bavq.backend import plain_accelerator
+from bavq.cli import OneLineParser
 from bavq.config import ConfigError
-from bavq.data.prep import MTIME
-from bavq.data.shards import ErrorCounter, ReadShards, expand_urls, sample_image_bytes, split_by_rank
+from bavq.data.shard_files import expand_urls, read_sizes, tar_writer
+from bavq.data.shards import ErrorCounter, ReadShards, sample_image_bytes, split_by_rank
 from bavq.data.sources import decode_image
 from bavq.data.transforms import eval_transform
+from bavq.exitstatus import EXIT_USAGE
 from bavq.paths import check_resume_plan, completed_record, write_json
 from bavq.progress import progress as make_progress
 from bavq.tokenizer import Tokenizer
@@ -149,11 +151,9 @@ class UnitWriter:
     """One output tar, written under a temporary name and renamed into place by :meth:`finish`."""
 
     def __init__(self, out: Path, name: str):
-        import webdataset as wds
-
         self.out, self.name, self.count = out, name, 0
         self.tmp = out / f".{name}.tmp"
-        self.tar = wds.TarWriter(str(self.tmp), encoder=False, mtime=MTIME, user="bavq", group="bavq")
+        self.tar = tar_writer(self.tmp)
 
     def write(self, key: str, cls: bytes | None, grid: np.ndarray) -> None:
         sample = {"__key__": key, "npy": _npy(grid)}
@@ -268,7 +268,7 @@ def run(args) -> int:
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     check_resume(out, plan)
 
-    accelerator = _join_ranks(tokenizer, out)
+    accelerator = plain_accelerator(tokenizer.config, str(out / STATE_DIR))
     rank, world = accelerator.process_index, accelerator.num_processes
     tokenizer.to(accelerator.device)
     mine = list(split_by_rank(units, rank, world))
@@ -292,25 +292,12 @@ def run(args) -> int:
     return 0
 
 
-def _join_ranks(tokenizer: Tokenizer, out: Path):
-    """An Accelerator that only joins the launcher's process group and picks this rank's device."""
-    import dataclasses
-
-    from bavq.train.backend import make_accelerator
-
-    cfg = tokenizer.config
-    plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend="ddp", mixed_precision="no"))
-    return make_accelerator(plain, str(out / STATE_DIR), None)
-
-
 def _describe_input(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).is_dir() else spec
 
 
 def _pending_samples(units: list[Unit], out: Path) -> int | None:
     """Samples of ``units`` when known (map ranges; shards listed in a sizes.json beside them)."""
-    from bavq.data.shards import read_sizes
-
     ranges = sum(u.stop - u.start for u in units if not u.url)
     urls = [u.url for u in units if u.url]
     sizes = read_sizes(urls) if urls else {}

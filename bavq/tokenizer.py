@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from bavq import __version__
 from bavq.config import Config, ConfigError, load_config, save_config
 from bavq.paths import atomic_write
-from bavq.train.checkpoint import EXPORT_INFO
+from bavq.weights import EXPORT_INFO, load_generator_state
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -59,7 +59,6 @@ class Tokenizer:
         ConfigError (one line) when the path, config or weights do not fit.
         """
         from bavq.models import plain_generator
-        from bavq.train.checkpoint import load_generator_state
 
         state, folder = load_generator_state(path)
         config_path = Path(config) if config else folder / CONFIG

@@ -27,8 +27,8 @@ from torchvision.datasets import ImageFolder
 
 from bavq.config import load_config
 from bavq.data import build_train_stream
-from bavq.data.prep import main as prep_main
 from bavq.data.transforms import train_transform
+from bavq.prep import main as prep_main
 
 
 def make_jpegs(root: Path, count: int, width: int, height: int, classes: int = 10) -> None:

@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -253,13 +255,44 @@ def _rank_cases(rank: int, world: int, cases: list[dict], opts: dict) -> list[di
     return [{**run_case(case, opts), "concurrent_processes": world} for case in cases]
 
 
+def _spawned_rank(rank: int, world: int, tmp: str, init_group: bool, cases: list[dict], opts: dict) -> None:
+    """One process of :func:`spawn_ranks`; rank 0 leaves its records in TMP/records.pkl."""
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+    if init_group:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        records = _rank_cases(rank, world, cases, opts)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        with open(os.path.join(tmp, "records.pkl"), "wb") as fh:
+            pickle.dump(records, fh)
+
+
+def spawn_ranks(cases: list[dict], opts: dict, world: int, init_group: bool, timeout: float) -> list[dict]:
+    """Rank 0's records of ``cases`` run by ``world`` spawned processes, in one gloo group or (without
+    ``init_group``) as independent processes; a failing rank raises with its traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        context = torch.multiprocessing.spawn(_spawned_rank, (world, tmp, init_group, cases, opts), nprocs=world,
+                                              join=False)
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"{world} benchmark processes still running after {timeout:.0f} s")
+        with open(os.path.join(tmp, "records.pkl"), "rb") as fh:
+            return pickle.load(fh)
+
+
 def run_distributed(cases: list[dict], opts: dict, world: int, timeout: float = 1800.0) -> list[dict]:
     """Rank 0's records of ``cases`` in ``world`` spawned processes: first (optionally) as independent
     concurrent processes, then as one gloo group."""
     records = []
     if opts["concurrent_baseline"]:
-        records += dist.spawn_local(_rank_cases, world, cases, opts, init_group=False, timeout=timeout)[0]
-    records += dist.spawn_local(_rank_cases, world, cases, opts, timeout=timeout)[0]
+        records += spawn_ranks(cases, opts, world, init_group=False, timeout=timeout)
+    records += spawn_ranks(cases, opts, world, init_group=True, timeout=timeout)
     return records
 
 

@@ -74,8 +74,8 @@ def stages(work: Path, size: dict, dry_run: bool) -> list[tuple[str, list[str]]]
         ("eval_ddp", [*launcher, "-m", "bavq.evaluate", str(work / "runs" / "ddp"), "--out",
                       str(work / "eval_ddp.json")]),
         ("eval_deepspeed", [*launcher, "-m", "bavq.evaluate", str(ckpt), "--out", str(work / "eval_ds.json")]),
-        ("export", [sys.executable, "-c", "import sys; from bavq.cli import export_main; "
-                    "sys.exit(export_main(sys.argv[1:]))", str(ckpt), "--out", str(work / "export")]),
+        ("export", [sys.executable, "-c", "import sys; from bavq.export import main; "
+                    "sys.exit(main(sys.argv[1:]))", str(ckpt), "--out", str(work / "export")]),
     ]
 
 

@@ -1,11 +1,11 @@
 """Write or verify WebDataset shards: ``python data_prep/make_shards.py [write|verify] ...``.
 
-A thin wrapper of ``bavq-prep`` (the logic lives in :mod:`bavq.data.prep`); see ``--help``.
+A thin wrapper of ``bavq-prep`` (the application is :mod:`bavq.prep`); see ``--help``.
 """
 
 import sys
 
-from bavq.data.prep import main
+from bavq.prep import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -66,7 +66,7 @@ def trapped_call(fn):
 
 def main() -> int:
     from bavq import dist, evaluate
-    from bavq.cli import eval_main, train_main
+    from bavq.train.main import main as train_main
     from bavq.train.trainer import Trainer
 
     Trainer._loop = trapped_call(Trainer._loop)
@@ -84,7 +84,7 @@ def main() -> int:
 
     atexit.register(write)
     command, argv = sys.argv[1], sys.argv[2:]
-    return {"train": train_main, "eval": eval_main}[command](argv)
+    return {"train": train_main, "eval": evaluate.main}[command](argv)
 
 
 if __name__ == "__main__":

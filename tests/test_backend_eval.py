@@ -15,9 +15,9 @@ from test_evaluate import run_eval
 from test_train import image_folder, run_cli, tiny_overrides  # noqa: F401 - image_folder is a fixture
 
 from bavq.config import load_config
-from bavq.evaluate import evaluate_model
+from bavq.evaluation import evaluate_model
 from bavq.models import plain_generator
-from bavq.train.checkpoint import load_generator_state
+from bavq.weights import load_generator_state
 
 
 @pytest.mark.slow

@@ -16,13 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _fake_slurm import job_env, run_script
 from test_resume import loss_rows, start_training, wait_for
 from test_train import ROOT, make_image_folder, read_jsonl, run_cli, tiny_overrides
 
 from bavq.config import load_config
-from bavq.slurm import job_env, run_script
-from bavq.train.checkpoint import checkpoint_step, list_checkpoints, verify_checkpoint
+from bavq.train.checkpoint import checkpoint_step, list_checkpoints
 from bavq.train.schedule import lr_at
+from bavq.weights import verify_checkpoint
 
 TRAIN = ROOT / "slurm" / "train.sbatch"
 ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -151,7 +152,7 @@ def test_shards_deleted_and_truncated_mid_stream_are_skipped_and_counted(tmp_pat
 
 
 def test_exit_status_file_keeps_a_decided_code_over_a_later_crash(tmp_path, monkeypatch):
-    from bavq.train.exitstatus import write_exit_status
+    from bavq.exitstatus import write_exit_status
 
     path = tmp_path / "status"
     monkeypatch.setenv("BAVQ_EXIT_FILE", str(path))
@@ -291,7 +292,7 @@ def slow(self):  # a long evaluation: every batch takes `pause` seconds; the mar
         yield batch
 
 loaders.MapEvalLoader.__iter__ = slow
-from bavq.cli import train_main
+from bavq.train.main import main as train_main
 sys.exit(train_main(sys.argv[1:], prog="slow-eval"))
 '''
 
@@ -325,7 +326,7 @@ from pathlib import Path
 
 import accelerate.checkpointing, safetensors.torch, yaml  # noqa: F401,E401 - import once, before forking:
 import bavq.data.sources, bavq.train.trainer  # noqa: F401,E401 - the runs should pay for the run, not imports
-from bavq.cli import train_main
+from bavq.train.main import main as train_main
 from bavq.train.checkpoint import list_checkpoints
 
 args, root, runs = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np, torch
 import safetensors.torch
 from bavq.config import load_config
-from bavq.evaluate import EvalResult, write_final_outputs
+from bavq.evaluation import EvalResult, write_final_outputs
 from bavq.models import build_model
 from bavq.quantizers import build_quantizer
 

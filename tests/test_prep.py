@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from bavq.data.prep import main
+from bavq.prep import main
 
 
 def _run(*args: str) -> int:

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from test_train import ROOT, make_image_folder, read_jsonl, run_cli, tiny_overrides
 
 from bavq.tokenizer import Tokenizer
-from bavq.train.checkpoint import list_checkpoints, verify_checkpoint
+from bavq.train.checkpoint import list_checkpoints
+from bavq.weights import verify_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from bavq import dist
 from bavq.config import ConfigError, load_config
-from bavq.data.shards import expand_urls, iter_tar_members, limit_plan, read_sizes
+from bavq.data.shard_files import expand_urls, iter_tar_members, limit_plan, read_sizes
 
 SIZES = [5, 3, 7, 1, 4]  # deliberately uneven
 

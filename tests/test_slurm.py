@@ -1,6 +1,6 @@
-"""SLURM templates and launch files: dry runs with fake scontrol/srun/accelerate/bavq-prep, the exact
-command each node would run, accelerate's own parsing of the config files, and one real 2-"node"
-launch on localhost that checks the SIGUSR1 set-up end to end."""
+"""SLURM templates and launch files: the real sbatch scripts run under fake scontrol/srun/accelerate/
+bavq-prep (tests/_fake_slurm.py), the exact command each node would run, accelerate's own parsing of
+the config files, and one real 2-"node" launch on localhost that checks the SIGUSR1 set-up end to end."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _fake_slurm
 import pytest
-
-from bavq import slurm
-from bavq.slurm import array_task_env, job_env, node_launch_command, run_script
+from _fake_slurm import array_task_env, job_env, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "slurm" / "train.sbatch"
 PREP = ROOT / "slurm" / "prep_shards.sbatch"
 ACC = ROOT / "launch" / "accelerate"
 HOSTS = ["gpu-a01", "gpu-a02"]
+DEFAULT_CONFIG = "configs/imagenet_vqgan_f16_k16384_ba_vq.yaml"
 
 
 def _flag(argv: list[str], name: str) -> str:
@@ -48,17 +48,12 @@ def test_two_node_launch_commands_are_exact():
     calls = _by_node(run)
     assert [c.node for c in calls] == [0, 1]
     for node, call in enumerate(calls):
-        argv = call.argv
-        assert argv == node_launch_command({**env, "SLURM_NODEID": str(node)}, head="gpu-a01")
-        assert argv[:4] == ["accelerate", "launch", "--config_file", "launch/accelerate/multi_node.yaml"]
-        assert _flag(argv, "--machine_rank") == str(node)  # each node read its own \$SLURM_NODEID
-        assert _flag(argv, "--num_machines") == "2"
-        assert _flag(argv, "--num_processes") == "8"
-        assert _flag(argv, "--main_process_ip") == "gpu-a01"
-        assert _flag(argv, "--main_process_port") == str(20000 + 123456 % 20000)
-        assert argv[argv.index("-m"):] == ["-m", "bavq.train", "--config", "configs/cifar10_ba_vq_k512.yaml",
-                                           "--name", "ba run", "train.backend=ddp", "train.max_steps=5",
-                                           "data.num_workers=3"]
+        assert call.argv == [
+            "accelerate", "launch", "--config_file", "launch/accelerate/multi_node.yaml", "--num_machines", "2",
+            "--machine_rank", str(node),  # each node read its own \$SLURM_NODEID
+            "--num_processes", "8", "--main_process_ip", "gpu-a01", "--main_process_port", str(20000 + 123456 % 20000),
+            "-m", "bavq.train", "--config", "configs/cifar10_ba_vq_k512.yaml", "--name", "ba run", "train.backend=ddp",
+            "train.max_steps=5", "data.num_workers=3"]
         assert call.usr1_ignored, "the launcher must start with SIGUSR1 ignored (trap '' USR1; exec ...)"
 
 
@@ -77,19 +72,21 @@ def test_backend_picks_the_accelerate_config(backend, nodes, gpus, expected):
     calls = _by_node(run)
     assert len(calls) == nodes
     for call in calls:
-        assert _flag(call.argv, "--config_file") == f"launch/accelerate/{expected}"
-        assert _flag(call.argv, "--num_processes") == str(nodes * gpus)
-        assert f"train.backend={backend}" in call.argv
-        assert call.argv == node_launch_command({**env, "SLURM_NODEID": str(call.node)}, head="n0")
+        assert call.argv == [
+            "accelerate", "launch", "--config_file", f"launch/accelerate/{expected}", "--num_machines", str(nodes),
+            "--machine_rank", str(call.node), "--num_processes", str(nodes * gpus), "--main_process_ip", "n0",
+            "--main_process_port", str(20000 + 77), "-m", "bavq.train", "--config", DEFAULT_CONFIG,
+            "--name", "imagenet_vqgan_f16_k16384_ba_vq", f"train.backend={backend}",
+            *(["train.deepspeed_config=launch/deepspeed/zero2.json"] if backend == "deepspeed" else [])]
 
 
 def test_defaults_come_from_slurm_and_the_imagenet_config():
     env = job_env(HOSTS, job_id=5, gpus_on_node=2)
     (first, _) = _by_node(run_script(TRAIN, env, HOSTS, cwd=ROOT))
     assert _flag(first.argv, "--num_processes") == "4"  # SLURM_GPUS_ON_NODE when GPUS_PER_NODE is unset
-    assert _flag(first.argv, "--config") == slurm.DEFAULT_TRAIN_CONFIG
+    assert _flag(first.argv, "--config") == DEFAULT_CONFIG
     assert _flag(first.argv, "--name") == "imagenet_vqgan_f16_k16384_ba_vq"
-    assert (ROOT / slurm.DEFAULT_TRAIN_CONFIG).is_file()
+    assert (ROOT / DEFAULT_CONFIG).is_file()
 
 
 def test_unknown_backend_is_a_one_line_error():
@@ -111,17 +108,19 @@ def test_exit_code_of_the_step(step_code, script_code, message):
 
 
 def test_launch_command_is_accepted_by_accelerate_and_bavq_train(monkeypatch):
-    """The exact argv each node gets goes through accelerate's launch parser + validation (which
-    loads the config file) and the trainer's command line + config loading."""
+    """The exact argv the script gives node 1 goes through accelerate's launch parser + validation
+    (which loads the config file) and the trainer's command line + config loading."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    from bavq.cli import _train_overrides, train_parser
     from bavq.config import load_config
+    from bavq.train.main import _train_overrides, train_parser
 
     monkeypatch.chdir(ROOT)
     for backend in ("ddp", "deepspeed"):
         env = {**job_env(HOSTS, gpus_on_node=8), "BAVQ_BACKEND": backend, "BAVQ_EXTRA": "train.max_steps=7"}
-        argv = node_launch_command({**env, "SLURM_NODEID": "1"}, head="gpu-a01")
+        run = run_script(TRAIN, env, HOSTS, cwd=ROOT)
+        assert run.returncode == 0, run.output
+        argv = _by_node(run)[1].argv
         args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv[2:]))
         assert (args.num_machines, int(args.machine_rank), args.num_processes) == (2, 1, 16)
         assert (args.main_process_ip, args.mixed_precision) == ("gpu-a01", "no")
@@ -225,7 +224,7 @@ def test_array_tasks_write_disjoint_shards_that_together_are_complete(tmp_path):
     """Each fake array task's recorded bavq-prep command, run for real: disjoint, complete shards."""
     from PIL import Image
 
-    from bavq.data import prep
+    from bavq import prep
 
     src, out = tmp_path / "images", tmp_path / "shards"
     for i in range(9):
@@ -244,9 +243,8 @@ def test_array_tasks_write_disjoint_shards_that_together_are_complete(tmp_path):
     assert sum(json.loads((out / "sizes.json").read_text()).values()) == 9
 
 
-def test_dry_run_cli_prints_one_command_per_node(capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    assert slurm.main(["train", "--nodes", "2", "--backend", "deepspeed", "--name", "x"]) == 0
+def test_dry_run_cli_prints_one_command_per_node(capsys):
+    assert _fake_slurm.main(["train", "--nodes", "2", "BAVQ_BACKEND=deepspeed", "BAVQ_NAME=x"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["node 0", "node 1"]
     assert "--machine_rank 1" in lines[1] and "deepspeed_zero2.yaml" in lines[1]

@@ -81,9 +81,15 @@ def write_sweep(tmp_path, **changes) -> Path:
     return path
 
 
+REAL_RUN = subprocess.run
+
+
 def fake_trainer(fail_names: set[str], calls: list[str]):
-    """Stands in for subprocess.run: writes a finished run folder, or fails for the named cells."""
+    """Stands in for subprocess.run: writes a finished run folder, or fails for the named cells; the
+    bavq-report run after the cells is real."""
     def run(cmd, stdout=None, stderr=None):
+        if cmd[1:3] == ["-m", "bavq.report"]:
+            return REAL_RUN(cmd, stdout=stdout, stderr=stderr)
         name = cmd[cmd.index("--name") + 1]
         calls.append(name)
         ov = overrides_of(cmd)

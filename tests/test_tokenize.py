@@ -16,10 +16,10 @@ import pytest
 import torch
 from test_train import ROOT
 
-from bavq.data.prep import main as prep_main
 from bavq.data.shards import sample_image_bytes
 from bavq.data.sources import decode_image, load_map_splits
 from bavq.data.transforms import eval_transform
+from bavq.prep import main as prep_main
 from bavq.tokenize import STATE_DIR, main
 from bavq.tokenizer import Tokenizer
 

@@ -8,8 +8,8 @@ import torch
 from _builders import eval_loader
 
 import bavq
-from bavq.cli import export_main
 from bavq.config import ConfigError
+from bavq.export import main as export_main
 from bavq.tokenizer import Tokenizer
 
 

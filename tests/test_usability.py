@@ -184,7 +184,7 @@ def test_eval_progress_callback_sees_every_batch():
     import torch
 
     from bavq.config import load_config
-    from bavq.evaluate import evaluate_model
+    from bavq.evaluation import evaluate_model
     from bavq.models import build_model
     from bavq.quantizers import build_quantizer
 
@@ -246,8 +246,8 @@ def test_prep_image_folder_holds_out_the_trainers_split_by_default(tmp_path, cap
     import json
 
     from bavq.config import DataConfig
-    from bavq.data.prep import build_parser, main
     from bavq.data.sources import holdout_split
+    from bavq.prep import build_parser, main
 
     root = _images(tmp_path / "img", 20)
     assert main(["--source", "image_folder", "--input", str(root), "--output", str(tmp_path / "s"),
@@ -277,7 +277,7 @@ def test_interrupted_parallel_prep_ends_with_one_line_and_stays_resumable(tmp_pa
         with open(folder / name, "wb") as fh:
             pickle.dump({"data": data, "labels": [0] * len(data)}, fh)
     out = tmp_path / "shards"
-    cmd = [sys.executable, "-c", "import sys; from bavq.data.prep import main; sys.exit(main())", "--source",
+    cmd = [sys.executable, "-c", "import sys; from bavq.prep import main; sys.exit(main())", "--source",
            "cifar10", "--input", str(tmp_path / "cifar"), "--output", str(out), "--no-download", "--resize", "96",
            "--format", "png", "--samples_per_shard", "50", "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -365,7 +365,7 @@ def test_tensorboard_gets_final_evaluation_media_and_one_hparams_folder(tmp_path
     from accelerate.utils import ProjectConfiguration
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from bavq.evaluate import EvalResult
+    from bavq.evaluation import EvalResult
     from bavq.train.run_logger import RunLogger
 
     def launch():  # one launch (fresh or resumed) of the same run folder

@@ -11,14 +11,12 @@ replaying (or skipping through) the stream it already trained on.
 Evaluation: the shard list is split over ranks and workers without resampling, so every
 held-out sample is read exactly once across ranks; ranks may get different counts.
 
-The dataset size comes from ``sizes.json`` next to the shards ({"name-000000.tar": count, ...},
-open_clip's format, written by ``bavq-prep``). Corrupt samples and unreadable shards are skipped
-with a warning and counted.
+The dataset size comes from ``sizes.json`` next to the shards (bavq.data.shard_files). Corrupt
+samples and unreadable shards are skipped with a warning and counted.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,7 +24,6 @@ import random
 from functools import partial
 from itertools import islice
 from typing import Iterator
-from urllib.parse import urlparse
 
 import torch
 import webdataset as wds
@@ -34,161 +31,21 @@ from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from bavq.config import ConfigError, DataConfig
-from bavq.data.sources import IMAGE_EXTENSIONS, decode_image
+from bavq.data.shard_files import (
+    IMAGE_FIELDS,
+    check_local_shards,
+    expand_urls,
+    is_meta_member,
+    iter_tar_members,
+    limit_plan,
+    open_url,
+    read_sizes,
+)
+from bavq.data.sources import decode_image
 from bavq.data.transforms import ImageTransform, eval_transform, generator_for, mix_seed, train_transform
 
 log = logging.getLogger(__name__)
-IMAGE_FIELDS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 _MAX_WARNINGS = 20  # per worker; the trainer logs the running count anyway
-
-
-# ----------------------------------------------------------------------------- URLs and sizes
-def expand_urls(pattern: str) -> list[str]:
-    """Shard URLs of a brace pattern (``a-{000000..000009}.tar``), ``::``-separated lists allowed."""
-    return wds.shardlists.expand_urls(pattern)
-
-
-def _is_local(url: str) -> bool:
-    return urlparse(url).scheme in ("", "file")
-
-
-def _local_path(url: str) -> str:
-    return urlparse(url).path if url.startswith("file:") else url
-
-
-def open_url(url: str):
-    """Binary stream of a shard: a local path, ``pipe:CMD``, http(s) (curl) or any fsspec URL (s3://...)."""
-    scheme = urlparse(url).scheme
-    if scheme in ("", "file"):
-        return open(_local_path(url), "rb")
-    if scheme in ("pipe", "http", "https"):
-        return wds.gopen(url, "rb")
-    import fsspec  # s3://, gs://, hf://, ...: whatever fsspec has a filesystem for
-
-    return fsspec.open(url, "rb").open()
-
-
-def _read_sizes_file(folder: str) -> dict[str, int] | None:
-    url = f"{folder}/sizes.json" if folder else "sizes.json"
-    try:
-        if _is_local(url):
-            path = _local_path(url)
-            if not os.path.isfile(path):
-                return None
-            with open(path) as fh:
-                return json.load(fh)
-        with open_url(url) as fh:
-            return json.loads(fh.read())
-    except Exception as exc:  # noqa: BLE001 - a missing or unreadable remote file just means "unknown"
-        log.debug("no sizes.json at %s: %s", url, exc)
-        return None
-
-
-def read_sizes(urls: list[str]) -> dict[str, int] | None:
-    """Samples per shard URL from the ``sizes.json`` next to the shards; None if any shard is unknown."""
-    if any(urlparse(u).scheme == "pipe" for u in urls):
-        return None
-    by_folder: dict[str, dict[str, int] | None] = {}
-    sizes = {}
-    for url in urls:
-        folder, name = url.rsplit("/", 1) if "/" in url else ("", url)
-        if folder not in by_folder:
-            by_folder[folder] = _read_sizes_file(folder)
-        table = by_folder[folder]
-        if table is None or name not in table:
-            return None
-        sizes[url] = int(table[name])
-    return sizes
-
-
-def limit_plan(urls: list[str], sizes: dict[str, int], limit: int) -> dict[str, int]:
-    """Samples to read from each shard so the set is the first ``limit`` samples in shard order."""
-    plan, left = {}, limit if limit > 0 else math.inf
-    for url in urls:
-        if left <= 0:
-            break
-        plan[url] = int(min(sizes[url], left))
-        left -= plan[url]
-    return plan
-
-
-def _check_local_shards(urls: list[str], key: str) -> None:
-    missing = [u for u in urls if _is_local(u) and not os.path.isfile(_local_path(u))]
-    if missing:
-        raise ConfigError(f"config key '{key}': {len(missing)} of {len(urls)} shards do not exist "
-                          f"(first: {missing[0]}); write them with bavq-prep")
-
-
-# ----------------------------------------------------------------------------- tar members
-# Our own tar member reader: Python's tarfile parses each header field by field, which was ~30% of
-# the time of reading + decoding + augmenting small JPEGs (benchmarks/bench_data.py); this reads the
-# same ustar / GNU long-name / pax archives 4x faster. Verification still uses tarfile.
-_BLOCK = 512
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 encoding of large numbers
-        return int.from_bytes(field[1:], "big")
-    field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
-
-
-def _read_exact(stream, size: int) -> bytes:
-    data = stream.read(size)
-    while len(data) < size:
-        more = stream.read(size - len(data))
-        if not more:
-            raise EOFError(f"truncated tar: {len(data)} of {size} bytes")
-        data += more
-    return data
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    records, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        records[key.decode()] = value.decode()
-        pos += length
-    return records
-
-
-def _member_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode()
-    prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
-    return f"{prefix}/{name}" if prefix else name
-
-
-def iter_tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of a tar stream, in order; raises on corrupt or truncated data."""
-    long_name, pax = None, {}
-    while True:
-        header = stream.read(_BLOCK)
-        if len(header) < _BLOCK or not header.strip(b"\0"):
-            if header.strip(b"\0"):
-                raise EOFError("truncated tar header")
-            return  # end-of-archive blocks (or a bare end of file)
-        if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise ValueError("tar header checksum mismatch")
-        size = int(pax.get("size", _octal(header[124:136])))
-        kind = header[156:157]
-        data = _read_exact(stream, size)
-        _read_exact(stream, -size % _BLOCK)
-        if kind == b"L":  # GNU long name of the next member
-            long_name = data.split(b"\0", 1)[0].decode()
-        elif kind == b"x":  # pax extended header of the next member
-            pax = _pax_records(data)
-        elif kind != b"g":
-            name = pax.get("path") or long_name or _member_name(header)
-            long_name, pax = None, {}
-            if kind in (b"0", b"\0", b"7"):
-                yield name, data
-
-
-def _is_meta(name: str) -> bool:
-    # webdataset's rule: "__name__" members are archive metadata, not sample fields
-    return "/" not in name and name.startswith("__") and name.endswith("__")
 
 
 # ----------------------------------------------------------------------------- pipeline stages
@@ -258,7 +115,7 @@ class ReadShards:
         try:
             with open_url(url) as stream:
                 files = (dict(fname=name, data=data, __url__=url)
-                         for name, data in iter_tar_members(stream) if not _is_meta(name))
+                         for name, data in iter_tar_members(stream) if not is_meta_member(name))
                 for sample in islice(group_by_keys(files, handler=self.errors), limit):
                     read += 1
                     self.bad_in_a_row = 0
@@ -352,7 +209,7 @@ class ShardTrainStream:
         self.data, self.rank, self.world_size = data, rank, world_size
         self.batch_size, self.seed = batch_size, seed
         self.urls = expand_urls(d.train_shards)
-        _check_local_shards(self.urls, "data.train_shards")
+        check_local_shards(self.urls, "data.train_shards")
         sizes = read_sizes(self.urls)
         self.limits: dict[str, int] | None = None
         if sizes is not None and d.train_limit > 0:
@@ -420,7 +277,7 @@ class ShardEvalLoader:
                               "(e.g. /data/val-{000000..000004}.tar)")
         self.data, self.rank, self.world_size, self.batch_size = data, rank, world_size, batch_size
         self.urls = expand_urls(d.val_shards)
-        _check_local_shards(self.urls, "data.val_shards")
+        check_local_shards(self.urls, "data.val_shards")
         self.limits = None
         if d.val_limit > 0:
             sizes = read_sizes(self.urls)
@@ -452,29 +309,3 @@ class ShardEvalLoader:
             yield images, keys
 
 
-# ----------------------------------------------------------------------------- verification
-def verify_shard(url: str) -> dict:
-    """Re-read one shard with plain ``tarfile``: samples, corrupt image members, read error."""
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext
-
-    keys, corrupt, error = set(), [], None
-    try:
-        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
-                    continue
-                keys.add(key)
-                data = tar.extractfile(member).read()
-                if ext.lower() in IMAGE_FIELDS:
-                    try:
-                        decode_image(data)
-                    except Exception as exc:  # noqa: BLE001
-                        corrupt.append(f"{member.name}: {str(exc)[:120]}")
-    except Exception as exc:  # noqa: BLE001 - truncated or unreadable tar
-        error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return {"url": url, "samples": len(keys), "corrupt": corrupt, "error": error}

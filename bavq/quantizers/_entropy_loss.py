@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bavq.quantizers._ops import LOG_P_FLOOR, fp32_math
+from bavq.quantizers._limits import LOG_P_FLOOR
+from bavq.quantizers._ops import fp32_math
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:

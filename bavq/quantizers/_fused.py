@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bavq.quantizers._ops import LOG_P_FLOOR
+from bavq.quantizers._limits import LOG_P_FLOOR
 
 # Columns of the per-row float output of chunk_loop (mode 0).
 _MIN_D, _HARD_D, _NORM, _MEAN_B, _SOFT_D, _A_MAX = range(6)

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from bavq import dist
-from bavq.quantizers._ops import LOG_P_FLOOR, row_softmax_
+from bavq.quantizers._limits import LOG_P_FLOOR
+from bavq.quantizers._ops import row_softmax_
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bavq.quantizers._ops import LOG_P_FLOOR, column_max_, fused_backend, row_softmax_
+from bavq.quantizers._limits import LOG_P_FLOOR
+from bavq.quantizers._ops import column_max_, fused_backend, row_softmax_
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""Training application: the loop (trainer), the launcher set-up (backend), checkpoints."""
+"""The training application (bavq-train): the entry point (main), the loop (trainer, build), checkpoints,
+DeepSpeed plugins, run logging, the run lock and the watchdog."""

@@ -2,7 +2,7 @@
 
 import sys
 
-from bavq.cli import train_main
+from bavq.train.main import main
 
 if __name__ == "__main__":
-    sys.exit(train_main(prog="python -m bavq.train"))
+    sys.exit(main(prog="python -m bavq.train"))

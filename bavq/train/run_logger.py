@@ -101,7 +101,7 @@ class RunLogger:
         return self.accelerator.get_tracker("tensorboard", unwrap=True)
 
     def log_evaluation(self, step: int, result) -> None:
-        """A held-out evaluation (bavq.evaluate.EvalResult): ``val/`` scalars everywhere, and in
+        """A held-out evaluation (bavq.evaluation.EvalResult): ``val/`` scalars everywhere, and in
         TensorBoard the reconstruction grid (originals over reconstructions) and the code histogram.
         Called at the final evaluation, so a run without ``train.eval_every`` still shows them."""
         if not self.main:

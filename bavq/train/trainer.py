@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 from bavq import dist
+from bavq.backend import make_accelerator
 from bavq.config import Config, save_config, to_dict
 from bavq.data import build_eval_loader, build_train_stream
-from bavq.evaluate import evaluate_model, write_final_outputs
-from bavq.losses import GeneratorLoss, discriminator_loss
-from bavq.models import build_discriminator, build_model, compile_autoencoder, plain_generator
+from bavq.evaluation import evaluate_model, write_final_outputs
+from bavq.losses import discriminator_loss
+from bavq.models import plain_generator
 from bavq.paths import removed_on_failure
-from bavq.quantizers import build_quantizer
 from bavq.train import checkpoint as ckpt
-from bavq.train.backend import make_accelerator
-from bavq.train.exitstatus import EXIT_PREEMPTED  # noqa: F401 - re-exported (the CLI imports it from here)
+from bavq.train.build import build_parts
+from bavq.train.deepspeed_backend import deepspeed_plugins
 from bavq.train.run_logger import RunLogger, choose_trackers
 from bavq.train.runlock import acquire_run_lock
 from bavq.train.schedule import lr_at, set_lr
@@ -49,7 +49,8 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         trackers = choose_trackers(cfg.log.wandb, cfg.log.tensorboard, self._warn)
-        self.accelerator = make_accelerator(cfg, str(self.run_dir), trackers)
+        self.accelerator = make_accelerator(cfg, str(self.run_dir), trackers,
+                                            deepspeed_plugins if cfg.train.backend == "deepspeed" else None)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self._guard_run()
         self._build_data()
@@ -89,50 +90,10 @@ class Trainer:
         self.global_batch = cfg.train.batch_size * self.world * per_step
 
     def _build_models(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        torch.manual_seed(cfg.train.seed)  # identical initial weights and codebook on every rank
-        quantizer = build_quantizer(cfg.quantizer, seed=cfg.train.seed, usage_window=cfg.log.usage_window)
-        quantizer.auto_update = cfg.train.grad_accum == 1
-        model = build_model(cfg.model, cfg.quantizer, quantizer, image_size=cfg.data.image_size)
-        if cfg.train.compile:
-            compile_autoencoder(model, cfg.train.compile_backend)
-        disc = build_discriminator(cfg.model, cfg.loss)
-        perceptual = None
-        if cfg.loss.perceptual_weight > 0:
-            from bavq.models.perceptual import LPIPS
-
-            perceptual = LPIPS.from_file(cfg.loss.lpips_weights)
-        self.gen_loss = GeneratorLoss(cfg.loss, perceptual).to(acc.device)
-        betas = tuple(cfg.train.adam_betas)
-        opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=betas,
-                                  weight_decay=cfg.train.weight_decay)
-        self.deepspeed = cfg.train.backend == "deepspeed"
-        self._select("gen")
-        self.model, self.opt_g = acc.prepare(model, opt_g)
-        self.disc = self.opt_d = None
-        if disc is not None:
-            opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr, betas=betas,
-                                      weight_decay=cfg.train.weight_decay)
-            self._select("disc")
-            self.disc, self.opt_d = acc.prepare(disc, opt_d)
-            self._select("gen")
-        self.input_dtype = torch.bfloat16 if self.deepspeed and cfg.train.mixed_precision == "bf16" else None
-        self.ema = None
-        if cfg.train.ema_decay > 0:
-            from timm.utils import ModelEmaV3
-
-            # parameters are averaged; codebook buffers are copied (an averaged codebook would not
-            # match the statistics that produced it)
-            self.ema = ModelEmaV3(self.unwrapped, decay=cfg.train.ema_decay, exclude_buffers=True)
-        # From here on each rank draws its own model randomness (dropout masks): identical masks on
-        # every rank would make R ranks a copy of one. Codebook draws (data init, restarts) use the
-        # quantizer's shared generator and stay identical on all ranks. Resumes restore these states.
-        torch.manual_seed(cfg.train.seed + 1_000_003 * self.rank)
-
-    def _select(self, name: str) -> None:
-        """Make the generator's or the discriminator's DeepSpeed plugin the active one."""
-        if self.deepspeed:
-            self.accelerator.state.select_deepspeed_plugin(name)
+        self.deepspeed = self.cfg.train.backend == "deepspeed"
+        parts = build_parts(self.cfg, self.accelerator)
+        self.model, self.opt_g, self.disc, self.opt_d = parts.model, parts.opt_g, parts.disc, parts.opt_d
+        self.gen_loss, self.ema, self.input_dtype = parts.gen_loss, parts.ema, parts.input_dtype
 
     def _backward(self, module, loss: torch.Tensor, num_micro: int, last: bool) -> None:
         """DDP: Accelerate's backward of the micro-batch share. DeepSpeed: each engine runs its own

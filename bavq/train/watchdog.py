@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from bavq.train.exitstatus import EXIT_CRASH, write_exit_status
+from bavq.exitstatus import EXIT_CRASH, write_exit_status
 
 
 def _fatal(message: str, announce: bool = True) -> None:

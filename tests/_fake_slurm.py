@@ -1,16 +1,13 @@
-"""Dry runs of the SLURM templates in ``slurm/``: what each node or array task would run, no cluster needed.
+"""Run the real ``slurm/*.sbatch`` scripts without a cluster: fake ``scontrol``, ``srun``, ``accelerate``
+and ``bavq-prep`` go first on PATH. Fake ``srun`` runs its command once per fake node (with that
+node's ``SLURM_NODEID``), and the fake programs record their argv instead of working, so a test
+reads exactly what each node would have run.
 
-    python -m bavq.slurm train --nodes 2 --backend deepspeed --extra "train.max_steps=100"
-    python -m bavq.slurm prep --tasks 4 --input /datasets/imagenet --output /datasets/imagenet-shards
+    python tests/_fake_slurm.py train --nodes 2 BAVQ_BACKEND=deepspeed   # each node's accelerate command
+    python tests/_fake_slurm.py prep --tasks 4 PREP_INPUT=/datasets/imagenet PREP_OUTPUT=/shards/imagenet
 
-The real script runs under bash with stand-ins for ``scontrol``, ``srun``, ``accelerate`` and
-``bavq-prep`` first on PATH: fake ``srun`` runs its command once per fake node (with that node's
-``SLURM_NODEID``), and the fake programs record their argv instead of working. Tests use the same
-machinery and compare the recorded commands with :func:`node_launch_command`.
-
-This module never reads the current process's launcher variables (``bavq.dist`` does); it only
-writes fake ones into the environment of the scripts it runs, which starts clean so a dry run
-inside a real allocation is not confused by the real job.
+The script's environment starts clean (PATH, HOME, LANG), so a dry run inside a real allocation is
+not confused by the real job.
 """
 
 from __future__ import annotations
@@ -26,11 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-TRAIN_SCRIPT = "slurm/train.sbatch"
-PREP_SCRIPT = "slurm/prep_shards.sbatch"
-DEFAULT_TRAIN_CONFIG = "configs/imagenet_vqgan_f16_k16384_ba_vq.yaml"
-DEFAULT_GPUS_PER_NODE = 8
-DEEPSPEED_JSON = "launch/deepspeed/zero2.json"  # the generator JSON train.sbatch passes with deepspeed
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "slurm" / "train.sbatch"
+PREP_SCRIPT = ROOT / "slurm" / "prep_shards.sbatch"
 
 # One stand-in program; each fake name on PATH is a tiny shell wrapper calling it with its own name.
 _FAKE = r'''
@@ -84,40 +79,6 @@ class DryRun:
         return [c for c in self.calls if c.program == program]
 
 
-def accelerate_config_name(backend: str, num_machines: int, num_processes: int) -> str:
-    """The file under launch/accelerate/ that slurm/train.sbatch picks for BAVQ_BACKEND."""
-    if backend == "deepspeed":
-        return "deepspeed_zero2.yaml"
-    if backend != "ddp":
-        raise ValueError(f"BAVQ_BACKEND must be ddp or deepspeed, got '{backend}'")
-    if num_processes == 1:
-        return "1gpu.yaml"
-    return "multi_gpu.yaml" if num_machines == 1 else "multi_node.yaml"
-
-
-def node_launch_command(env: Mapping[str, str], head: str) -> list[str]:
-    """The ``accelerate launch`` argv slurm/train.sbatch runs on the node of ``env["SLURM_NODEID"]``.
-
-    ``env`` is the job's environment (SLURM_NNODES, SLURM_JOB_ID, optional SLURM_GPUS_ON_NODE and
-    the BAVQ_* settings) plus the node's SLURM_NODEID; ``head`` is the first host of the job.
-    Empty settings count as unset, as in the script's ``${VAR:-default}``.
-    """
-    nnodes = int(env.get("SLURM_NNODES") or 1)
-    gpus = int(env.get("GPUS_PER_NODE") or env.get("SLURM_GPUS_ON_NODE") or DEFAULT_GPUS_PER_NODE)
-    backend = env.get("BAVQ_BACKEND") or "ddp"
-    config = env.get("BAVQ_CONFIG") or DEFAULT_TRAIN_CONFIG
-    name = env.get("BAVQ_NAME") or Path(config).name.removesuffix(".yaml")
-    port = env.get("BAVQ_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
-    acc = env.get("BAVQ_ACCELERATE_CONFIG") or "launch/accelerate/" + accelerate_config_name(
-        backend, nnodes, nnodes * gpus)
-    return ["accelerate", "launch", "--config_file", acc, "--num_machines", str(nnodes),
-            "--machine_rank", str(env["SLURM_NODEID"]), "--num_processes", str(nnodes * gpus),
-            "--main_process_ip", head, "--main_process_port", port,
-            "-m", "bavq.train", "--config", config, "--name", name, f"train.backend={backend}",
-            *([f"train.deepspeed_config={DEEPSPEED_JSON}"] if backend == "deepspeed" else []),
-            *(env.get("BAVQ_EXTRA") or "").split()]
-
-
 def job_env(hosts: Sequence[str], job_id: int = 4242, gpus_on_node: int | None = None) -> dict[str, str]:
     """The SLURM variables of a batch job on ``hosts`` (what sbatch would give the script)."""
     env = {"SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": ",".join(hosts), "SLURM_NNODES": str(len(hosts))}
@@ -153,9 +114,6 @@ def run_script(script: str | Path, env: Mapping[str, str], hosts: Sequence[str] 
     are replaced (leave out "accelerate" to run the real launcher on localhost "nodes").
     BAVQ_VENV defaults to empty (no activation, so the fakes are not shadowed by the venv's).
     """
-    script = Path(script)
-    if not script.is_file():
-        raise FileNotFoundError(f"no SLURM script at '{script}' (run from the repository root or pass --script)")
     with tempfile.TemporaryDirectory(prefix="bavq-dryrun-") as tmp:
         folder = Path(tmp)
         _install_fakes(folder, fakes)
@@ -166,7 +124,7 @@ def run_script(script: str | Path, env: Mapping[str, str], hosts: Sequence[str] 
                 "BAVQ_EXIT_FILE": str(folder / "exit_status"), **env,  # a dry run writes nothing in the project
                 "BAVQ_DRYRUN_LOG": str(log), "BAVQ_DRYRUN_HOSTS": " ".join(hosts),
                 "BAVQ_DRYRUN_EXIT": str(exit_code)}
-        proc = subprocess.run(["bash", str(script.resolve())], env=full, cwd=cwd, capture_output=True,
+        proc = subprocess.run(["bash", str(Path(script).resolve())], env=full, cwd=cwd, capture_output=True,
                               text=True, timeout=timeout)
         rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     calls = [Call(r["program"], r["argv"], None if r["node"] is None else int(r["node"]), r["usr1_ignored"])
@@ -183,43 +141,27 @@ def _print_calls(header: str, run: DryRun, program: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bavq.slurm {train,prep}``: print the commands the script would run."""
-    p = argparse.ArgumentParser(prog="python -m bavq.slurm", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="dry-run slurm/train.sbatch")
-    t.add_argument("--nodes", type=int, default=2)
-    t.add_argument("--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE)
-    t.add_argument("--backend", default="ddp", help="BAVQ_BACKEND: ddp or deepspeed")
-    t.add_argument("--config", default="", help="BAVQ_CONFIG")
-    t.add_argument("--name", default="", help="BAVQ_NAME")
-    t.add_argument("--extra", default="", help="BAVQ_EXTRA: space-separated key.sub=value overrides")
-    t.add_argument("--script", default=TRAIN_SCRIPT)
-    r = sub.add_parser("prep", help="dry-run slurm/prep_shards.sbatch as an array of --tasks tasks")
-    r.add_argument("--tasks", type=int, default=4)
-    r.add_argument("--input", default="/datasets/imagenet", help="PREP_INPUT")
-    r.add_argument("--output", default="/datasets/imagenet-shards", help="PREP_OUTPUT")
-    r.add_argument("--args", default="", help="PREP_ARGS (empty: the script's default)")
-    r.add_argument("--script", default=PREP_SCRIPT)
-    args = p.parse_args(argv)
-    try:
-        if args.command == "train":
-            hosts = [f"node-{i}" for i in range(args.nodes)]
-            env = {**job_env(hosts, gpus_on_node=args.gpus_per_node), "BAVQ_BACKEND": args.backend,
-                   "BAVQ_CONFIG": args.config, "BAVQ_NAME": args.name, "BAVQ_EXTRA": args.extra}
-            run = run_script(args.script, env, hosts)
-            _print_calls("batch", run, "accelerate")
-            return run.returncode
-        code = 0
-        for task in range(args.tasks):
-            env = {**array_task_env(task, args.tasks - 1), "PREP_INPUT": args.input, "PREP_OUTPUT": args.output,
-                   "PREP_ARGS": args.args}
-            run = run_script(args.script, env)
-            _print_calls(f"task {task}", run, "bavq-prep")
-            code = code or run.returncode
-        return code
-    except FileNotFoundError as exc:
-        print(f"python -m bavq.slurm: error: {exc}", file=sys.stderr)
-        return 2
+    """Print the commands a script would run on each fake node (train) or array task (prep)."""
+    p = argparse.ArgumentParser(prog="python tests/_fake_slurm.py", description=__doc__.splitlines()[0])
+    p.add_argument("script", choices=("train", "prep"), help="slurm/train.sbatch or slurm/prep_shards.sbatch")
+    p.add_argument("--nodes", type=int, default=2, help="train: fake nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="train: SLURM_GPUS_ON_NODE")
+    p.add_argument("--tasks", type=int, default=4, help="prep: array tasks (--array=0-TASKS-1)")
+    p.add_argument("settings", nargs="*", metavar="VAR=value", help="script settings, e.g. BAVQ_BACKEND=deepspeed")
+    args = p.parse_intermixed_args(argv)
+    settings = dict(s.split("=", 1) for s in args.settings)
+    if args.script == "train":
+        hosts = [f"node-{i}" for i in range(args.nodes)]
+        run = run_script(TRAIN_SCRIPT, {**job_env(hosts, gpus_on_node=args.gpus_per_node), **settings}, hosts,
+                         cwd=ROOT)
+        _print_calls("batch", run, "accelerate")
+        return run.returncode
+    code = 0
+    for task in range(args.tasks):
+        run = run_script(PREP_SCRIPT, {**array_task_env(task, args.tasks - 1), **settings}, cwd=ROOT)
+        _print_calls(f"task {task}", run, "bavq-prep")
+        code = code or run.returncode
+    return code
 
 
 if __name__ == "__main__":

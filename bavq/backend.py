@@ -1,4 +1,6 @@
-"""Accelerate / DeepSpeed set-up: the one place that talks to the launcher's process group.
+"""Accelerate set-up: the one place that joins the launcher's process group (training, bavq-eval and
+bavq-tokenize all go through :func:`make_accelerator`; the training application adds its DeepSpeed
+plugins from bavq.train.deepspeed_backend).
 
 Facts this module encodes (see DESIGN.md):
 - On a machine without a GPU, Accelerate must be told it is on CPU, or every rank believes it is
@@ -11,9 +13,11 @@ Facts this module encodes (see DESIGN.md):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from datetime import timedelta
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -31,8 +35,10 @@ def running_on_cpu() -> bool:
     return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
 
 
-def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = None) -> Accelerator:
-    """Build the Accelerator for ``cfg.train.backend`` and check the process count."""
+def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = None,
+                     deepspeed_plugins: Callable[[Config], dict] | None = None) -> Accelerator:
+    """Build the Accelerator and check the process count. With ``deepspeed_plugins`` (a function of the
+    config returning Accelerate's named DeepSpeed plugins) it is a DeepSpeed Accelerator."""
     check_launcher()
     cpu = running_on_cpu()
     if cpu:  # DeepSpeed (imported by Accelerate when installed) otherwise warns on every rank at start
@@ -49,16 +55,14 @@ def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = Non
     kwargs = dict(
         # Accelerate enables DeepSpeed only when cpu=False; on a CPU-only machine the device is the CPU
         # anyway and the gloo process group above keeps the ranks apart.
-        cpu=cpu and cfg.train.backend != "deepspeed",
+        cpu=cpu and deepspeed_plugins is None,
         mixed_precision=cfg.train.mixed_precision,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir),
     )
-    if cfg.train.backend == "deepspeed":
-        from bavq.train.deepspeed_backend import deepspeed_plugins
-
+    if deepspeed_plugins is not None:
         kwargs["deepspeed_plugins"] = deepspeed_plugins(cfg)
     # We rely on broadcast_buffers=False (no buffer sync at all, not even at init: a rank whose
     # codebook differed would then fail the checksum check instead of being silently overwritten).
@@ -66,6 +70,13 @@ def make_accelerator(cfg: Config, run_dir: str, log_with: list[str] | None = Non
     accelerator = Accelerator(**kwargs)
     check_world_size(accelerator.num_processes)
     return accelerator
+
+
+def plain_accelerator(cfg: Config, work_dir: str) -> Accelerator:
+    """An Accelerator that only joins the launcher's process group and picks this rank's device: no
+    DeepSpeed engine and no mixed-precision wrapper, whatever trained the weights (bavq-eval, bavq-tokenize)."""
+    plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend="ddp", mixed_precision="no"))
+    return make_accelerator(plain, work_dir, None)
 
 
 def check_launcher() -> None:

@@ -21,254 +21,24 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import os
-import random
 import signal
 import sys
 import time
-from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
-import numpy as np
+from typing import Iterable, Iterator
 
 from bavq import __version__
 from bavq.config import ConfigError, DataConfig
-from bavq.data import sources
-from bavq.data.transforms import EncodeOptions, encode_image
+from bavq.data.plans import Item, SourcePlan, plan_source
+from bavq.data.shard_files import expand_urls, read_sizes, verify_shard
+from bavq.data.transforms import EncodeOptions
+from bavq.data.writer import quiet_worker, shard_name, write_shards
 from bavq.paths import check_resume_plan, completed_record, write_json
+from bavq.progress import progress
 
-MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed member mtime so the same input gives the same tar bytes
 STATE_DIR = ".bavq-prep"
 MAX_BAD_LISTED = 100
-Item = tuple  # (key "%09d", ref for the reader, label or None, origin shown in bad-image reports)
-
-
-# ----------------------------------------------------------------------------- readers (in workers)
-class FileReader:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def load(self, ref: str) -> bytes:
-        return (self.root / ref).read_bytes()
-
-
-class ArrayReader:
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        self.arrays = arrays
-
-    def load(self, ref: tuple[str, int]) -> np.ndarray:
-        return self.arrays[ref[0]][ref[1]]
-
-
-class HFReader:
-    def __init__(self, datasets: dict[str, Any], image_key: str):
-        self.datasets, self.image_key = datasets, image_key
-
-    def load(self, ref) -> bytes:
-        if isinstance(ref, tuple):  # (split, index) of a map-style dataset
-            ref = self.datasets[ref[0]][ref[1]][self.image_key]
-        return sources.hf_image_bytes(ref)  # streamed items carry their image cell
-
-
-# ----------------------------------------------------------------------------- planning
-@dataclass
-class SourcePlan:
-    """Items of every split, the reader that loads them, and what the manifest records."""
-
-    kind: str
-    input: str
-    reader: Any
-    splits: dict[str, list[Item] | Iterable[Item]]  # a list, or a stream (HF streaming)
-    classes: list[str]
-
-
-def _keyed(refs: list, start: int, origin, label=None) -> list[Item]:
-    return [(f"{start + i:09d}", ref, label(ref) if label else None, origin(ref)) for i, ref in enumerate(refs)]
-
-
-def _holdout(items: list[Item], fraction: float) -> dict[str, list[Item]]:
-    if fraction <= 0:
-        return {"train": items}
-    train, val = sources.holdout_split(len(items), fraction)
-    return {"train": [items[i] for i in train], "val": [items[i] for i in val]}
-
-
-def plan_folder(args) -> SourcePlan:
-    listing = sources.list_image_folder(args.input, images_only=False)
-    root = listing.root.absolute()
-    origin = lambda rel: str(root / rel)  # noqa: E731
-    train = _keyed(listing.splits["train"], 0, origin, listing.label)
-    if "val" in listing.splits:
-        splits = {"train": train, "val": _keyed(listing.splits["val"], len(train), origin, listing.label)}
-    else:
-        splits = _holdout(train, args.val_fraction)
-    return SourcePlan("image_folder", str(root), FileReader(root), splits, listing.classes)
-
-
-def plan_arrays(args) -> SourcePlan:
-    load = sources.load_fashion_mnist if args.source == "fashion_mnist" else sources.load_cifar10
-    arrays = load(args.input or "", args.download, root_hint="--input FOLDER")
-    if args.source == "fashion_mnist":  # 28 -> 32 with background, exactly as the map-style reader does
-        arrays = {k: np.pad(v, ((0, 0), (2, 2), (2, 2))) for k, v in arrays.items()}
-    splits, start = {}, 0
-    for split, array in arrays.items():
-        refs = [(split, i) for i in range(len(array))]
-        splits[split] = _keyed(refs, start, lambda ref: f"{args.source}:{ref[0]}[{ref[1]}]")
-        start += len(refs)
-    return SourcePlan(args.source, args.input or "default", ArrayReader(arrays), splits, [])
-
-
-def _hf_labels(dataset) -> tuple[str | None, list[str]]:
-    for column in ("label", "labels"):
-        feature = dataset.features.get(column) if dataset.features else None
-        if feature is not None and hasattr(feature, "names"):
-            return column, list(feature.names)
-    return None, []
-
-
-def _hf_stream(datasets: dict[str, Any], image_key: str, label_column: str | None) -> dict[str, Iterable[Item]]:
-    offset = [0]  # held-out keys continue after the training items, counted while streaming
-
-    def items(split, dataset):
-        for i, row in enumerate(dataset):
-            if image_key not in row:
-                raise ConfigError(f"HF dataset rows have no column '{image_key}' (columns: {sorted(row)}); "
-                                  "set --image_key")
-            yield (f"{offset[0]:09d}", row[image_key], row.get(label_column) if label_column else None,
-                   f"{split}[{i}]")
-            offset[0] += 1
-    return {split: items(split, ds) for split, ds in datasets.items()}
-
-
-def plan_hf(args) -> SourcePlan:
-    if args.streaming is None:  # hub datasets stream (no full download first) unless a random split is asked
-        args.streaming = not Path(args.input).is_dir() and not args.val_fraction
-    loaded = sources.load_hf(args.input, args.image_key, streaming=args.streaming)
-    datasets = {k: v for k, v in loaded.items() if v is not None}
-    label_column, classes = _hf_labels(datasets["train"])
-    if args.streaming:
-        if args.val_fraction and "val" not in datasets:
-            raise ConfigError("--val_fraction needs random access; drop --streaming or use a dataset with a "
-                              "validation split")
-        if args.val_fraction is None and "val" not in datasets:
-            print("bavq-prep: note: a streamed dataset without a validation split gets no held-out shards; "
-                  f"--no-streaming --val_fraction {DataConfig.val_fraction} makes one", file=sys.stderr)
-        args.val_fraction = args.val_fraction or 0.0
-        return SourcePlan("hf", args.input, HFReader({}, args.image_key),
-                          _hf_stream(datasets, args.image_key, label_column), classes)
-    splits, start = {}, 0
-    for split, dataset in datasets.items():
-        labels = dataset[label_column] if label_column else None
-        refs = [(split, i) for i in range(len(dataset))]
-        splits[split] = _keyed(refs, start, lambda ref: f"{args.input}:{ref[0]}[{ref[1]}]",
-                               (lambda ref: labels[ref[1]]) if labels is not None else None)
-        start += len(refs)
-    if "val" not in datasets:
-        splits = _holdout(splits["train"], args.val_fraction)
-    return SourcePlan("hf", args.input, HFReader(datasets, args.image_key), splits, classes)
-
-
-def plan_source(args) -> SourcePlan:
-    """Plan the source; missing or empty sources raise ConfigError (exit code 2)."""
-    if args.source in ("image_folder", "hf") and not args.input:
-        raise ConfigError(f"--source {args.source} needs --input (a folder or a dataset name)")
-    if args.val_fraction is None and args.source != "hf":  # hf decides once it knows whether it streams
-        args.val_fraction = DataConfig.val_fraction
-    plan = {"image_folder": plan_folder, "hf": plan_hf}.get(args.source, plan_arrays)(args)
-    wanted = args.splits.split(",") if args.splits else list(plan.splits)
-    unknown = [s for s in wanted if s not in plan.splits]
-    if unknown:
-        raise ConfigError(f"split(s) {unknown} not in the source (it has {list(plan.splits)})")
-    plan.splits = {s: plan.splits[s] for s in wanted}
-    if args.shuffle and isinstance(plan.splits.get("train"), list):
-        random.Random(args.seed).shuffle(plan.splits["train"])  # shards should not each hold one class
-    if all(isinstance(v, list) and not v for v in plan.splits.values()):
-        raise ConfigError(f"source '{plan.input}' is empty")
-    return plan
-
-
-# ----------------------------------------------------------------------------- writing one shard
-_WORKER: dict[str, Any] = {}
-
-
-def _quiet_worker() -> None:
-    """Workers leave interrupts to the parent: Ctrl-C (sent to the whole process group) is ignored
-    here, and SIGTERM kills silently (a forked worker would otherwise inherit the parent's handler)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _init_worker(reader, opts: EncodeOptions, output: str, quiet: bool = False) -> None:
-    if quiet:
-        _quiet_worker()
-    _WORKER.update(reader=reader, opts=opts, output=Path(output))
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
-def write_shard(task: tuple[str, int, list[Item]]) -> dict:
-    """Encode and write one shard (temp file, then rename), then its bookkeeping record."""
-    import webdataset as wds
-
-    split, index, items = task
-    reader, opts, output = _WORKER["reader"], _WORKER["opts"], _WORKER["output"]
-    final = output / shard_name(split, index)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    count, bad = 0, []
-    try:
-        with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=MTIME, user="bavq", group="bavq") as tar:
-            for key, ref, label, origin in items:
-                try:
-                    data, ext = encode_image(reader.load(ref), opts)
-                except Exception as exc:  # noqa: BLE001 - unreadable, truncated, not an image: skip and count
-                    bad.append({"path": origin, "reason": (str(exc).splitlines() or [type(exc).__name__])[0][:200]})
-                    continue
-                sample = {"__key__": key, ext: data}
-                if label is not None:
-                    sample["cls"] = str(int(label)).encode()
-                tar.write(sample)
-                count += 1
-    except BaseException:  # interrupted (or failed) mid-shard: no stray temp file; a rerun rewrites it
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, final)
-    record = {"shard": final.name, "split": split, "count": count, "planned": len(items), "bad": bad}
-    write_json(output / STATE_DIR / f"{final.name}.json", record)
-    return record
-
-
-def _run_tasks(tasks: Iterator, workers: int, init_args: tuple) -> Iterator[dict]:
-    """Results of ``write_shard`` over tasks, with at most 2 x workers shards in flight (streams stay lazy)."""
-    if workers <= 0:
-        _init_worker(*init_args)
-        yield from map(write_shard, tasks)
-        return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork: arrays are not copied
-    with mp.get_context(method).Pool(workers, _init_worker, (*init_args, True)) as pool:
-        pending: deque = deque()  # (shard name, result)
-        try:
-            for task in tasks:
-                pending.append((shard_name(task[0], task[1]), pool.apply_async(write_shard, (task,))))
-                while len(pending) >= 2 * workers:
-                    yield _next_done(pending)
-            while pending:
-                yield _next_done(pending)
-        except BaseException:  # interrupted: stop the workers, drop their half-written temp files
-            pool.terminate()
-            pool.join()
-            for name, _ in pending:
-                for tmp in Path(init_args[2]).glob(f".{name}.*.tmp"):
-                    tmp.unlink(missing_ok=True)
-            raise
-
-
-def _next_done(pending: deque) -> dict:
-    record = pending[0][1].get()  # stays pending (its temp file is cleaned up) if interrupted here
-    pending.popleft()
-    return record
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -357,8 +127,6 @@ def _finish(output: Path, shards: dict[str, list[str]], plan: SourcePlan, args, 
 
 
 def _progress(total: int | None, enabled: bool, desc: str = "bavq-prep", unit: str = "img"):
-    from bavq.progress import progress
-
     return progress(total=total, desc=desc, unit=unit, enabled=enabled, unit_scale=True, smoothing=0.1)
 
 
@@ -374,7 +142,8 @@ def write_main(args, argv: list[str]) -> int:
     total = sum(map(len, listed)) if known else None
     written, bad, start = 0, 0, time.time()
     with _progress(total, args.progress) as bar:
-        for record in _run_tasks(iter(tasks), args.workers, (plan.reader, _encode_options(args), str(output))):
+        for record in write_shards(iter(tasks), args.workers, plan.reader, _encode_options(args), str(output),
+                                   STATE_DIR):
             written += record["count"]
             bad += len(record["bad"])
             if total is not None:
@@ -397,8 +166,6 @@ def write_main(args, argv: list[str]) -> int:
 
 # ----------------------------------------------------------------------------- verify
 def _verify_urls(spec: str) -> list[str]:
-    from bavq.data.shards import expand_urls
-
     if Path(spec).is_dir():
         urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
         if not urls:
@@ -413,12 +180,10 @@ def _verify_urls(spec: str) -> list[str]:
 
 def verify_main(args) -> int:
     """The ``verify`` subcommand: counts, corrupt members, mismatches with sizes.json. Exit 1 on problems."""
-    from bavq.data.shards import read_sizes, verify_shard
-
     urls = _verify_urls(args.shards)
     sizes = read_sizes(urls)
     with contextlib.ExitStack() as stack, _progress(len(urls), args.progress, "bavq-prep verify", "shard") as bar:
-        pool = stack.enter_context(mp.get_context("spawn").Pool(args.workers, _quiet_worker)) \
+        pool = stack.enter_context(mp.get_context("spawn").Pool(args.workers, quiet_worker)) \
             if args.workers > 0 else None
         reports = []
         for report in (pool.imap(verify_shard, urls) if pool else map(verify_shard, urls)):

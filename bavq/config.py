@@ -19,29 +19,15 @@ from typing import Any
 
 import yaml
 
+from bavq.rules import QUANTIZERS, ConfigError, check, one_of  # noqa: F401 (re-exported)
+
 # omegaconf is imported inside the functions that merge configs, so the dataclasses (and with them
 # bavq.models / bavq.quantizers) import on machines without it, e.g. the bare GPU benchmark box.
 
-QUANTIZERS = ("vq_ema", "ba_vq")
 ARCHS = ("vqvae", "vqgan")
 DATA_SOURCES = ("fashion_mnist", "cifar10", "image_folder", "hf", "shards")
 PRECISIONS = ("no", "bf16", "fp16")
 BACKENDS = ("ddp", "deepspeed")
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message is one line naming the key."""
-
-
-def check(ok: bool, key: str, msg: str) -> None:
-    """Raise ConfigError "config key 'KEY': MSG" unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"config key '{key}': {msg}")
-
-
-def one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
-    """Raise ConfigError naming ``key`` unless ``value`` is one of ``choices``."""
-    check(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
 
 
 @dataclass

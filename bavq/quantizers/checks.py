@@ -4,14 +4,14 @@
 :class:`~bavq.quantizers.ba_vq.BAVQ`) both call these, so a ``BAVQ(...)`` built by hand is checked
 like a config file. Each function reads the arguments as attributes of ``args`` (a
 ``QuantizerConfig`` or the quantizer under construction: the names are the same) and raises
-:class:`~bavq.config.ConfigError` (a ValueError) naming the config key, ``quantizer.<argument>``.
+:class:`~bavq.rules.ConfigError` (a ValueError) naming the config key, ``quantizer.<argument>``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from bavq.config import QUANTIZERS, check, one_of
+from bavq.rules import QUANTIZERS, check, one_of
 
 
 def check_name(name: str) -> None:

@@ -59,10 +59,10 @@ class QuantizerConfig:
     prior_floor: float = 0.1  # alpha: the prior mixes in alpha/K of the uniform distribution
     assign: str = "nearest"  # hard code: "nearest" (argmin distance) or "map" (argmax posterior)
     entropy_loss_weight: float = 0.0  # weight of the (mean H(p|x) - H(mean p)) loss; 0 = off
-    anneal_start_nats: float = 1.0  # anneal mode: beta_0 * (largest code gap or mean min distance of batch 1)
+    anneal_start_nats: float = 4.0  # anneal mode: beta_0 * (largest code gap or mean min distance of batch 1)
     anneal_end_nats: float = 32.0  # anneal mode: cold end, beta * D_hat (D_hat = EMA of mean min distance)
     anneal_rate: float = 0.5  # anneal mode: beta grows by at most anneal_rate * (1 - decay) per step, in (0, 1]
-    estep: str = "softmax"  # "softmax" (p ~ q^(1-lambda) exp(-beta d)) or "balanced" (Sinkhorn, columns n*r)
+    estep: str = "balanced"  # "softmax" (p ~ q^(1-lambda) exp(-beta d)) or "balanced" (Sinkhorn, columns n*r)
     balance_iters: int = 3  # balanced E-step: log-domain Sinkhorn iterations per step
     balance_target: str = "uniform"  # balanced E-step: column marginal r, "uniform" (1/K) or "prior" (q)
 

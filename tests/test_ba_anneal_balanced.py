@@ -119,7 +119,7 @@ def test_extreme_beta_stays_finite(estep, beta, lam):
 
 
 def test_underflow_codes_counts_codes_without_mass():
-    q = BAVQ(K, D, beta_mode="fixed", beta_start=2.0, beta_end=2.0)
+    q = BAVQ(K, D, beta_mode="fixed", beta_start=2.0, beta_end=2.0, estep="softmax")  # no column potentials
     far = torch.arange(K) >= 30  # 7 codes 100 units away: beta * d ~ 6e4 nats, zero mass in fp32
     q.codebook[far] += 100.0
     q.ema_sum.copy_(q.codebook)

@@ -17,13 +17,14 @@ CASES = {
     "vq_ema": ("vq_ema", {}),
     "vq_ema_data_init": ("vq_ema", {"init": "data"}),
     "vq_ema_restart": ("vq_ema", {"dead_code_threshold": 1.0}),
-    "ba_vq": ("ba_vq", {}),
+    "ba_vq": ("ba_vq", {}),  # the defaults: balanced E-step, anneal beta
+    "ba_vq_softmax": ("ba_vq", {"estep": "softmax"}),
     "ba_vq_deferred": ("ba_vq", {"deferred": True}),
-    "ba_vq_balanced": ("ba_vq", {"estep": "balanced", "balance_iters": 3}),  # anneal beta (default)
+    "ba_vq_balanced_5": ("ba_vq", {"estep": "balanced", "balance_iters": 5}),
     "ba_vq_balanced_prior_map": ("ba_vq", {"estep": "balanced", "balance_target": "prior", "assign": "map",
                                            "entropy_weight": 2.0, "beta_mode": "fixed"}),
-    "ba_vq_map_init_restart": ("ba_vq", {"beta_mode": "fixed", "entropy_weight": 2.0, "assign": "map",
-                                         "init": "data", "dead_code_threshold": 0.95}),
+    "ba_vq_map_init_restart": ("ba_vq", {"estep": "softmax", "beta_mode": "fixed", "entropy_weight": 2.0,
+                                         "assign": "map", "init": "data", "dead_code_threshold": 0.95}),
 }
 
 
@@ -45,8 +46,11 @@ def _train(q, kwargs: dict, rank: int, world_size: int) -> dict:
         z = _global_batch(step).chunk(world_size)[rank]
         if kwargs.get("deferred") and step > 0:  # gradient-accumulation style: 2 micro-steps, 1 update
             q.auto_update = False
-            for micro in z.chunk(2):
-                q(micro)
+            # Global micro-batch i is micro-batch i of every rank (of RANKS = 2), also for the single
+            # process: the balanced E-step (the default) balances each global micro-batch on its own.
+            parts = _global_batch(step).chunk(2)
+            for i in range(2):
+                q(torch.cat([part.chunk(2)[i] for part in parts]).chunk(world_size)[rank])
             q.update_codebook()
         else:
             q(z)

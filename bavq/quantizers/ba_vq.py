@@ -12,7 +12,9 @@ Minimizes beta E[d] + I(X;K) - lambda H(K) by online EM. One step on the flatten
 beta is "anneal" (the default, deterministic annealing from a measured hot start: see
 :meth:`BAVQ._measure_start`), fixed-geometric (beta_start -> beta_end) or adaptive c D / (2 D_hat),
 c geometric from adaptive_c_start to adaptive_c_end, growth capped at (1 + max_beta_growth) per step.
-The E-step is the softmax above or "balanced" (Sinkhorn: columns sum to n r_k, DESIGN.md).
+The E-step is "balanced" (the default: the softmax above with Sinkhorn column potentials, so columns
+sum to n r_k, DESIGN.md) or the plain "softmax"; the 1,000-step study behind these defaults is in the
+README ("BA-VQ's E-step and beta schedule").
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ class BAVQ(Quantizer):
                  beta_end: float = 100.0, beta_anneal_steps: int = 10000, adaptive_c_start: float = 2.0,
                  adaptive_c_end: float = 64.0, max_beta_growth: float = 0.001, entropy_weight: float = 1.0,
                  prior_floor: float = 0.1, assign: str = "nearest", entropy_loss_weight: float = 0.0,
-                 anneal_start_nats: float = 1.0, anneal_end_nats: float = 32.0, anneal_rate: float = 0.5,
-                 estep: str = "softmax", balance_iters: int = 3, balance_target: str = "uniform", **common):
+                 anneal_start_nats: float = 4.0, anneal_end_nats: float = 32.0, anneal_rate: float = 0.5,
+                 estep: str = "balanced", balance_iters: int = 3, balance_target: str = "uniform", **common):
         super().__init__(num_codes, code_dim, **common)
         self.beta_mode, self.beta_start, self.beta_end = beta_mode, beta_start, beta_end
         self.beta_anneal_steps, self.max_beta_growth = beta_anneal_steps, max_beta_growth

@@ -290,10 +290,12 @@ RETIRED_KEYS = {("loss", "disc_loss"): "hinge"}
 
 
 def _drop_retired(data) -> None:
-    """Remove retired keys (in place) from a loaded mapping, refusing values that were never valid."""
+    """Remove retired keys (in place) from a loaded DictConfig, refusing values that were never valid."""
+    from omegaconf import DictConfig
+
     for (section, key), only_value in RETIRED_KEYS.items():
-        group = data.get(section) if hasattr(data, "get") else None
-        if group is None or not hasattr(group, "get") or key not in group:
+        group = data.get(section)
+        if not isinstance(group, DictConfig) or key not in group:
             continue
         if group[key] != only_value:
             raise ConfigError(f"config key '{section}.{key}': was removed (only '{only_value}' was ever "

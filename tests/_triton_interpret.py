@@ -74,7 +74,10 @@ def sinkhorn_case() -> dict:
     c = _triton.col_pass(x, e, beta, v, u, block_m=16, block_n=16)
     z = a + v[None, :] + u[:, None]
     p = (z - z.amax(0)).exp()
+    w = a + v - torch.logsumexp(a + v, 1, keepdim=True)  # the balanced E-step's log-posterior
+    col_max, col_sum = _triton.column_lse(x, e, v, beta, 16)
     return {"row_lse": _rel(r["lse"], torch.logsumexp(a + v, 1)),
+            "column_lse": _rel(col_max + col_sum.log(), torch.logsumexp(w, 0)),
             "col_lse": _rel(c["col_max"] + c["col_sum"].log(), torch.logsumexp(z, 0)),
             "col_sums": _rel(c["sums"] * (c["col_max"] - z.amax(0)).exp()[:, None], p.t() @ x)}
 

@@ -10,6 +10,7 @@ reference's scale. The first run compiles the extension (about 1-2 min on 2 busy
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bavq.quantizers import _fused, _nearest, _ops, _soft
+from bavq.quantizers import _fused, _nearest, _ops, _sinkhorn, _soft
 
 FIELDS = ("soft_counts", "soft_sums", "min_dist", "hard_dist", "entropy", "soft_dist")
 
@@ -63,7 +64,9 @@ def test_cpu_fused_matches_eager(lam, assign, beta):
     args = (x, codebook, log_weight, beta, 300)
     got = _fused.soft_assign(*args, nearest=assign == "nearest")
     assert got is not None
-    assert_stats_match(_soft.SoftStats(**got, reached=None), _eager(*args, nearest=assign == "nearest"))
+    ref = _eager(*args, nearest=assign == "nearest")
+    assert_stats_match(_soft.SoftStats(**got), ref)
+    assert torch.equal(got["reached"], ref.reached)
 
 
 @needs_cpp
@@ -93,7 +96,7 @@ def test_cpu_fused_matches_eager_at_k16384(lam):
 def test_cpu_fused_large_dim():
     x, codebook, log_weight = _case(300, 200, 256, 2.0, seed=2)
     args = (x, codebook, log_weight, 0.05, 128)
-    fused = _soft.SoftStats(**_fused.soft_assign(*args, nearest=False), reached=None)
+    fused = _soft.SoftStats(**_fused.soft_assign(*args, nearest=False))
     assert_stats_match(fused, _eager(*args, nearest=False))
 
 
@@ -147,18 +150,45 @@ def test_triton_biases_give_row_and_column_lse(triton_results):
         assert err <= 1e-5, f"{name}: max error {err:.2e}"
 
 
-def test_cpu_row_and_column_pass_biases():
-    # the CPU twins of the Triton two-pass API: row LSE with a per-code bias, column LSE and sums with
-    # a per-row bias, chunk boundaries that do not divide N, against dense torch.logsumexp
-    x, codebook, _ = _case(45, 90, 12, 1.0, seed=9)
-    gen = torch.Generator().manual_seed(10)
-    v, u = torch.randn(90, generator=gen) * 3, torch.randn(45, generator=gen) * 3
-    a = -0.7 * (codebook.square().sum(1)[None, :] - 2.0 * x @ codebook.t())
-    r = _fused.row_pass(x, codebook, 0.7, v, rows=16)
-    c = _fused.col_pass(x, codebook, 0.7, v, u, rows=16)
-    z = a + v[None, :] + u[:, None]
-    torch.testing.assert_close(r["lse"], torch.logsumexp(a + v, 1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(r["argmax_a"], (a + v).argmax(1), rtol=0, atol=0)
-    torch.testing.assert_close(c["col_max"] + c["col_sum"].log(), torch.logsumexp(z, 0), rtol=1e-5, atol=1e-5)
-    p = (z - z.amax(0)).exp()
-    torch.testing.assert_close(c["sums"] * (c["col_max"] - z.amax(0)).exp()[:, None], p.t() @ x, rtol=1e-5, atol=1e-5)
+@needs_cpp
+@pytest.mark.parametrize("lam", [0.0, 1.0, 2.0])
+def test_cpu_column_lse_matches_dense_and_eager(lam):
+    # one Sinkhorn iteration's column log-sum-exp of w = a - logsumexp_k a, with the potentials v in
+    # the code bias; 45 rows in chunks of 16 (not dividing), K = 90 (a vector tail), float64 reference
+    x, codebook, log_weight = _case(45, 90, 12, lam, seed=9)
+    v = torch.randn(90, generator=torch.Generator().manual_seed(10)) * 3
+    code_bias = v if log_weight is None else log_weight + v
+    a = code_bias.double() - 0.7 * torch.cdist(x.double(), codebook.double()).square()
+    ref = torch.logsumexp(a - torch.logsumexp(a, 1, keepdim=True), 0)
+    m, s = _fused.column_lse(x, codebook, code_bias, 0.7, 16)
+    em, es = _sinkhorn._column_lse_eager(x, codebook, code_bias, 0.7, 16)
+    torch.testing.assert_close((m + s.log()).double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m + s.log(), em + es.log(), rtol=1e-5, atol=1e-5)
+    empty_m, empty_s = _fused.column_lse(x[:0], codebook, code_bias, 0.7, 16)  # a rank without rows
+    assert torch.isneginf(empty_m).all() and not empty_s.any()
+
+
+@needs_cpp
+def test_cpu_code_gaps_and_balanced_estep_match_eager():
+    # K = 16,384 with 50 far codes: the gaps (anneal mode's reach measure) and the whole balanced
+    # E-step (3 Sinkhorn iterations, then the soft statistics) equal the eager reference
+    x, codebook, _ = _case(1000, 16384, 8, 1.0, seed=3)
+    codebook[:50] += 40.0
+    rows = _ops.chunk_rows(16384, 8192, 128)
+    log_ratio = torch.full((16384,), -math.log(16384))
+    gaps, min_d = _nearest.code_gaps(x, codebook, rows)
+    v = _sinkhorn.balance_potentials(x, codebook, None, 2.0, rows, log_ratio, 3)
+    got = _soft.soft_assign(x, codebook, v, 2.0, rows, nearest=True)
+    previous = _ops.set_kernels("eager")
+    try:
+        ref_gaps, ref_min = _nearest.code_gaps(x, codebook, rows)
+        ref_v = _sinkhorn.balance_potentials(x, codebook, None, 2.0, rows, log_ratio, 3)
+        ref = _soft.soft_assign(x, codebook, ref_v, 2.0, rows, nearest=True)
+    finally:
+        _ops.set_kernels(previous)
+    torch.testing.assert_close(gaps, ref_gaps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(min_d, ref_min, rtol=1e-6, atol=0)
+    assert float(gaps[:50].min()) > 100.0 and float(gaps[50:].max()) < float(gaps[:50].min())
+    torch.testing.assert_close(v, ref_v, rtol=1e-4, atol=1e-4)
+    assert_stats_match(got, ref, rtol=1e-4)
+    assert torch.equal(got.reached, ref.reached)

@@ -19,7 +19,14 @@ has its own, and all of them together stay within the caller's ``rows`` budget):
 The whole chunk loop runs in C++ under ONE ``at::parallel_for`` (workers take interleaved chunks,
 ATen calls inside run single-threaded): the eager loop opens several parallel regions per chunk, and
 on a busy shared CPU each region's barrier waits for a descheduled thread. ``nearest_codes`` uses the
-same loop without the soft part.
+same loop without the soft part (mode 1), and ``code_gaps`` the same with a column max of
+min_j d' - d' (mode 2). The soft sweep also keeps a per-worker column max of the floored log-odds, the
+``reached`` diagnostic, so no extra pass computes it.
+
+``column_lse`` serves the balanced (Sinkhorn) E-step: per iteration one sweep per chunk, row
+log-sum-exp (max, then sum of exp) and the log-posterior w in place, then a per-worker running
+column (max, sum of exp) of w, under the same single parallel region. The Triton backend offers the
+same function from its row and column passes, so both E-step rules share the kernels.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load_inline`` into
 ``$TORCH_EXTENSIONS_DIR`` (the project's ``.torch_extensions`` when unset and writable). When no
@@ -82,7 +89,7 @@ static inline vf vexp(vf x) {
 // One row of the chunk. g holds a (no code bias) or d' (with a code bias c: a = c - beta d').
 // Writes u = exp(max(a - max a, floor)) over g; returns the index; out[6] as in _fused.py.
 static int64_t sweep_row(float* g, const float* c, int64_t K, float beta, bool nearest, float floor_,
-                         float* out) {
+                         float* out, float* colb) {
   const int64_t Kv = K - K % W;
   const float inf = __builtin_inff();
   // sweep 1: per-lane best values and first indices (strict compares keep the first)
@@ -114,7 +121,7 @@ static int64_t sweep_row(float* g, const float* c, int64_t K, float beta, bool n
   // sweep 2: exp, sums, u written in place
   vf vnorm = vf{}, vsb = vf{}, vsd = vf{};
   const vf fl = splat(floor_), am = splat(best_a);
-  auto body = [&](float* p, const float* cp, bool partial, int64_t count) {
+  auto body = [&](float* p, const float* cp, float* bp, bool partial, int64_t count) {
     vf v, cv = vf{};
     if (partial) {
       float tmp[W], ctmp[W];
@@ -128,6 +135,11 @@ static int64_t sweep_row(float* g, const float* c, int64_t K, float beta, bool n
     vf b = vmax(a - am, fl);
     vf u = vexp(b);
     if (partial) {
+      for (int i = 0; i < count; ++i) bp[i] = std::max(bp[i], b[i]);
+    } else {
+      store(bp, vmax(load(bp), b));  // column max of the floored log-odds: "reached" is > floor
+    }
+    if (partial) {
       for (int i = count; i < W; ++i) { u[i] = 0.0f; b[i] = 0.0f; v[i] = 0.0f; }
       float tmp[W]; store(tmp, u);
       for (int i = 0; i < count; ++i) p[i] = tmp[i];
@@ -137,8 +149,8 @@ static int64_t sweep_row(float* g, const float* c, int64_t K, float beta, bool n
     vnorm += u; vsb += u * b;
     if (c) vsd += u * v;
   };
-  for (int64_t k = 0; k < Kv; k += W) body(g + k, c ? c + k : nullptr, false, W);
-  if (Kv < K) body(g + Kv, c ? c + Kv : nullptr, true, K - Kv);
+  for (int64_t k = 0; k < Kv; k += W) body(g + k, c ? c + k : nullptr, colb + k, false, W);
+  if (Kv < K) body(g + Kv, c ? c + Kv : nullptr, colb + Kv, true, K - Kv);
   float norm = 0.0f, sb = 0.0f, sd = 0.0f;
   for (int i = 0; i < W; ++i) { norm += vnorm[i]; sb += vsb[i]; sd += vsd[i]; }
   const float mean_b = sb / norm;
@@ -179,7 +191,9 @@ static int64_t argmin_row(const float* g, int64_t K, float* best_out) {
 // Few, long parallel regions: on a busy shared CPU every region's barrier waits for a descheduled
 // thread, and the eager loop has several per chunk. Partial sums are added in worker order, so the
 // result is deterministic for a given number of workers.
-// mode 0: soft E-step (g = addmm(bias, x, E^T, alpha)); mode 1: nearest codes only (no statistics).
+// mode 0: soft E-step (g = addmm(bias, x, E^T, alpha)), with the per-worker column max of the floored
+// log-odds b (``reached``); mode 1: nearest codes only; mode 2: nearest codes and the per-worker
+// column max of min_j d'(x, j) - d'(x, k) (minus the code gaps of _nearest.code_gaps).
 std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor bias, at::Tensor code_bias,
                                    double alpha, double beta, bool nearest, double floor_, int64_t rows,
                                    int64_t workers, int64_t mode) {
@@ -196,6 +210,7 @@ std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor
   auto indices = at::empty({N}, x.options().dtype(at::kLong));
   auto per_row = at::empty({N, mode == 0 ? 6 : 1}, x.options());
   auto partial = at::zeros({mode == 0 ? workers : 0, D + 1, K}, x.options());
+  auto colmax = at::full({mode == 1 ? 0 : workers, K}, -__builtin_inff(), x.options());
   int64_t* ip = indices.data_ptr<int64_t>();
   float* op = per_row.data_ptr<float>();
   at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
@@ -203,18 +218,26 @@ std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor
     for (int64_t w = wb; w < we; ++w) {
       auto buf = at::empty({std::min(rows, N), K}, x.options());
       auto wts = at::empty({std::min(rows, N), D + 1}, x.options());
+      float* cm = mode == 1 ? nullptr : colmax[w].data_ptr<float>();
       for (int64_t ci = w; ci < chunks; ci += workers) {
         const int64_t s = ci * rows, m = std::min(rows, N - s);
         auto xc = x.narrow(0, s, m);
         auto g = buf.narrow(0, 0, m);
         at::addmm_out(g, bias, xc, et, 1.0, alpha);
         float* gp = g.data_ptr<float>();
-        if (mode == 1) {
-          for (int64_t r = 0; r < m; ++r) ip[s + r] = argmin_row(gp + r * K, K, op + s + r);
+        if (mode != 0) {
+          for (int64_t r = 0; r < m; ++r) {
+            const float* row = gp + r * K;
+            ip[s + r] = argmin_row(row, K, op + s + r);
+            if (mode == 2) {
+              const float best = op[s + r];
+              for (int64_t k = 0; k < K; ++k) cm[k] = std::max(cm[k], best - row[k]);
+            }
+          }
           continue;
         }
         for (int64_t r = 0; r < m; ++r)
-          ip[s + r] = sweep_row(gp + r * K, c, K, (float)beta, nearest, (float)floor_, op + (s + r) * 6);
+          ip[s + r] = sweep_row(gp + r * K, c, K, (float)beta, nearest, (float)floor_, op + (s + r) * 6, cm);
         auto wc = wts.narrow(0, 0, m);
         wc.narrow(1, 0, D).copy_(xc);
         wc.select(1, D).fill_(1.0);
@@ -225,7 +248,73 @@ std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_mkl);
   });
   if (mode == 1) return {indices, per_row.select(1, 0)};
-  return {indices, per_row, partial.sum(0)};
+  if (mode == 2) return {indices, per_row.select(1, 0), std::get<0>(colmax.max(0))};
+  return {indices, per_row, partial.sum(0), std::get<0>(colmax.max(0))};
+}
+
+// One Sinkhorn iteration's column log-sum-exp (the balanced E-step, _sinkhorn.py), under one parallel
+// region like chunk_loop. Per chunk: a = addmm(bias, x, E^T, alpha) (bias = log_weight + v - beta ||e||^2,
+// alpha = 2 beta); per row the log-posterior w = a - max a - log sum_k exp(max(a - max a, floor))
+// (row_softmax_'s normaliser); per worker a running column max M_k and sum S_k of exp(max(w - M_k,
+// floor)) over its chunks. Returns (workers, K) M and S: log sum_x exp w = M + log S per worker.
+std::vector<at::Tensor> column_lse(at::Tensor x, at::Tensor codebook, at::Tensor bias, double alpha,
+                                   double floor_, int64_t rows, int64_t workers) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && codebook.scalar_type() == at::kFloat, "fp32");
+  const int64_t N = x.size(0), K = codebook.size(0), Kv = K - K % W;
+  const int64_t chunks = (N + rows - 1) / rows;
+  workers = std::max<int64_t>(1, std::min<int64_t>(workers, chunks));
+  auto et = codebook.t();
+  auto col_max = at::full({workers, K}, -__builtin_inff(), x.options());
+  auto col_sum = at::zeros({workers, K}, x.options());
+  const float inf = __builtin_inff(), fl_s = (float)floor_;
+  at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    const int previous_mkl = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    const vf fl = splat(fl_s);
+    for (int64_t w = wb; w < we; ++w) {
+      auto buf = at::empty({std::min(rows, N), K}, x.options());
+      std::vector<float> chunk_max(K);
+      float* M = col_max[w].data_ptr<float>();
+      float* S = col_sum[w].data_ptr<float>();
+      for (int64_t ci = w; ci < chunks; ci += workers) {
+        const int64_t s = ci * rows, m = std::min(rows, N - s);
+        auto g = buf.narrow(0, 0, m);
+        at::addmm_out(g, bias, x.narrow(0, s, m), et, 1.0, alpha);
+        float* gp = g.data_ptr<float>();
+        std::fill(chunk_max.begin(), chunk_max.end(), -inf);
+        for (int64_t r = 0; r < m; ++r) {  // rows: w = a - logsumexp_k a, in place; chunk column max
+          float* row = gp + r * K;
+          vf vm = splat(-inf);
+          for (int64_t k = 0; k < Kv; k += W) vm = vmax(vm, load(row + k));
+          float am = -inf;
+          for (int i = 0; i < W; ++i) am = std::max(am, vm[i]);
+          for (int64_t k = Kv; k < K; ++k) am = std::max(am, row[k]);
+          vf vs = vf{};
+          const vf va = splat(am);
+          for (int64_t k = 0; k < Kv; k += W) vs += vexp(vmax(load(row + k) - va, fl));
+          float norm = 0.0f;
+          for (int i = 0; i < W; ++i) norm += vs[i];
+          for (int64_t k = Kv; k < K; ++k) norm += std::exp(std::max(row[k] - am, fl_s));
+          const float shift = am + std::log(norm);
+          for (int64_t k = 0; k < K; ++k) {
+            row[k] -= shift;
+            chunk_max[k] = std::max(chunk_max[k], row[k]);
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) {  // rescale the running sums to the new column max
+          const float nm = std::max(M[k], chunk_max[k]);
+          S[k] *= std::exp(M[k] - nm);  // M = -inf before the first chunk: S = 0 * 0
+          M[k] = nm;
+        }
+        for (int64_t r = 0; r < m; ++r) {
+          const float* row = gp + r * K;
+          for (int64_t k = 0; k < Kv; k += W) store(S + k, load(S + k) + vexp(vmax(load(row + k) - load(M + k), fl)));
+          for (int64_t k = Kv; k < K; ++k) S[k] += std::exp(std::max(row[k] - M[k], fl_s));
+        }
+      }
+    }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_mkl);
+  });
+  return {col_max, col_sum};
 }
 """
 
@@ -250,7 +339,7 @@ def _load():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            module = load_inline(name="bavq_fused", cpp_sources=_CPP, functions=["chunk_loop"],
+            module = load_inline(name="bavq_fused", cpp_sources=_CPP, functions=["chunk_loop", "column_lse"],
                                  build_directory=str(_build_dir()),
                                  extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"], verbose=False)
         except Exception as exc:  # no compiler, no headers, read-only disk: the eager path still works
@@ -319,8 +408,9 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
     bias = (-beta * sq_codes) if log_weight is None else sq_codes
     code_bias = x.new_empty(0) if log_weight is None else log_weight.contiguous()
     alpha = 2.0 * beta if log_weight is None else -2.0
-    indices, per_row, sums_t = module.chunk_loop(x, codebook, bias, code_bias, alpha, float(beta), bool(nearest),
-                                                 LOG_P_FLOOR, small, _workers(max(rows, small), small), 0)
+    indices, per_row, sums_t, best_b = module.chunk_loop(x, codebook, bias, code_bias, alpha, float(beta),
+                                                         bool(nearest), LOG_P_FLOOR, small,
+                                                         _workers(max(rows, small), small), 0)
     sq_rows = x.square().sum(1)
     return {
         "indices": indices,
@@ -330,57 +420,39 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
         "hard_dist": (per_row[:, _HARD_D] + sq_rows).clamp_(min=0.0),
         "entropy": per_row[:, _NORM].log() - per_row[:, _MEAN_B],
         "soft_dist": per_row[:, _SOFT_D] + sq_rows,
+        "reached": (best_b > LOG_P_FLOOR).to(x.dtype),
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# The two-pass API of _triton.py on CPU (same arguments and results), for the balanced (Sinkhorn)
-# E-step: chunked torch code, memory-bounded like the rest (at most ``rows`` x K alive). The
-# standard E-step does not need it on CPU: its rows are independent, so soft_assign above gets the
-# row LSE and the per-code sums from one pass over each cached chunk.
-
 @torch.no_grad()
-def row_pass(x: Tensor, codebook: Tensor, beta: float, code_bias: Tensor | None = None, *, soft: bool = True,
-             rows: int = 2048) -> dict[str, Tensor]:
-    """CPU twin of ``_triton.row_pass``: per-row statistics of a = code_bias - beta d'."""
-    sq = codebook.square().sum(1)
-    parts: dict[str, list[Tensor]] = {}
-    for start in range(0, x.shape[0], rows):
-        d = torch.addmm(sq, x[start : start + rows], codebook.t(), alpha=-2.0)  # d' = d - ||x||^2
-        min_d, argmin_d = d.min(1)
-        out = {"min_d": min_d, "argmin_d": argmin_d}
-        if soft:
-            a = d.mul(-beta) if code_bias is None else torch.add(code_bias, d, alpha=-beta)
-            a_max, argmax_a = a.max(1)
-            lse = a_max + (a - a_max[:, None]).exp().sum(1).log()
-            p = (a - lse[:, None]).exp()
-            out.update(a_max=a_max, lse=lse, argmax_a=argmax_a, d_at_argmax=d.gather(1, argmax_a[:, None])[:, 0],
-                       mean_a=(p * a).sum(1), mean_d=(p * d).sum(1))
-        for name, value in out.items():
-            parts.setdefault(name, []).append(value)
-    return {name: torch.cat(values) for name, values in parts.items()}
+def code_gaps(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor] | None:
+    """``_nearest.code_gaps`` (gaps (K,), min distance (N,)) from the nearest-code sweep plus a
+    per-worker column max; None when the extension is unavailable or D > 64 (GEMM-bound)."""
+    if x.shape[1] > 64:
+        return None
+    module = _load()
+    if module is None:
+        return None
+    small = cache_rows(codebook.shape[0], x.shape[1], rows)
+    _, min_d, neg_gap = module.chunk_loop(x, codebook, codebook.square().sum(1), x.new_empty(0), -2.0, 0.0, True,
+                                          LOG_P_FLOOR, small, _workers(rows, small), 2)
+    return neg_gap.neg_().clamp_(min=0.0), min_d.add_(x.square().sum(1)).clamp_(min=0.0)
 
 
 @torch.no_grad()
-def col_pass(x: Tensor, codebook: Tensor, beta: float, code_bias: Tensor | None = None,
-             row_bias: Tensor | None = None, *, rows: int = 2048) -> dict[str, Tensor]:
-    """CPU twin of ``_triton.col_pass``: per-code col_max, col_sum = sum_x exp(z - col_max) and
-    sums = sum_x exp(z - col_max) x of z = code_bias - beta d' + row_bias (online over row chunks)."""
-    num_codes, dim = codebook.shape
-    sq = codebook.square().sum(1)
-    col_max = x.new_full((num_codes,), float("-inf"))
-    col_sum, sums = x.new_zeros(num_codes), x.new_zeros(num_codes, dim)
-    for start in range(0, x.shape[0], rows):
-        xc = x[start : start + rows]
-        z = torch.addmm(sq, xc, codebook.t(), alpha=-2.0).mul_(-beta)
-        if code_bias is not None:
-            z.add_(code_bias)
-        if row_bias is not None:
-            z.add_(row_bias[start : start + rows, None])
-        new_max = torch.maximum(col_max, z.amax(0))
-        rescale = (col_max - new_max).exp().nan_to_num_(0.0)  # -inf - -inf: nothing summed yet
-        p = z.sub_(new_max).exp_()
-        col_sum.mul_(rescale).add_(p.sum(0))
-        sums.mul_(rescale[:, None]).addmm_(p.t(), xc)
-        col_max = new_max
-    return {"col_max": col_max, "col_sum": col_sum, "sums": sums}
+def column_lse(x: Tensor, codebook: Tensor, code_bias: Tensor, beta: float, rows: int) -> tuple[Tensor, Tensor] | None:
+    """One Sinkhorn iteration's column statistics over these rows (the balanced E-step): with
+    a(x,k) = code_bias_k - beta d(x,k) and w = a - logsumexp_k a, returns (M, S) (K,) such that
+    logsumexp_x w = M + log S (M = -inf, S = 0 without rows); None when the extension is unavailable.
+    Row normalisers are floored at LOG_P_FLOOR below the row max like ``_ops.row_softmax_``."""
+    module = _load()
+    if module is None:
+        return None
+    if x.shape[0] == 0:
+        return x.new_full((codebook.shape[0],), float("-inf")), x.new_zeros(codebook.shape[0])
+    small = cache_rows(codebook.shape[0], x.shape[1], rows)
+    bias = code_bias - beta * codebook.square().sum(1)
+    col_max, col_sum = module.column_lse(x, codebook, bias.contiguous(), 2.0 * beta, LOG_P_FLOOR, small,
+                                         _workers(rows, small))
+    top = col_max.amax(0)  # combine the workers' running (max, sum): finite, every column saw rows
+    return top, (col_sum * (col_max - top).exp_()).sum(0)

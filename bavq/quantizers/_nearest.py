@@ -42,6 +42,11 @@ def code_gaps(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     gap_k = min_x [d(x,k) - min_j d(x,j)] over the rows of x (0 for a code that is some row's
     nearest); the column piece (running max of the negated gaps) over chunks, never N x K at once.
     """
+    backend = fused_backend(x, codebook)
+    if backend is not None:
+        fused = backend.code_gaps(x, codebook, rows)
+        if fused is not None:
+            return fused
     n, num_codes = x.shape[0], codebook.shape[0]
     sq_codes = codebook.square().sum(1)
     neg_gap = x.new_full((num_codes,), -math.inf)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from bavq import dist
 from bavq.quantizers._limits import LOG_P_FLOOR
-from bavq.quantizers._ops import row_softmax_
+from bavq.quantizers._ops import fused_backend, row_softmax_
 
 
 @torch.no_grad()
@@ -25,32 +25,44 @@ def balance_potentials(x: Tensor, codebook: Tensor, log_weight: Tensor | None, b
     ``log_ratio`` is log r_k (sum_k r_k = 1) and log n = logsumexp_k L_k (every row sums to 1, so
     the columns sum to the global row count: no extra collective). The final E-step is
     ``soft_assign(x, codebook, log_weight + v, ...)``: its rows sum to 1 and its columns to n r_k
-    up to the last iteration's residual. Never holds more than two (chunk x K) buffers.
+    up to the last iteration's residual. Never holds more than two (chunk x K) buffers. Each pass is
+    the fused backend's ``column_lse`` (C++ on CPU, Triton row + column passes on CUDA) when one
+    applies, else :func:`_column_lse_eager`, the reference.
     """
-    n, num_codes = x.shape[0], codebook.shape[0]
-    sq_codes = codebook.square().sum(1)
-    base = x.new_zeros(num_codes) if log_weight is None else log_weight
+    base = x.new_zeros(codebook.shape[0]) if log_weight is None else log_weight
     v = torch.zeros_like(base)
-    scores = x.new_empty(max(min(rows, n), 1), num_codes)
-    probs = torch.empty_like(scores)
+    backend = fused_backend(x, codebook)
     for _ in range(iters):
-        bias = (base + v).sub_(beta * sq_codes)
-        col_max = x.new_full((num_codes,), -math.inf)
-        col_sum = x.new_zeros(num_codes)
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            a, u = scores[: stop - start], probs[: stop - start]
-            torch.addmm(bias, x[start:stop], codebook.t(), alpha=2.0 * beta, out=a)  # a + v (row consts dropped)
-            norm = row_softmax_(a, a.amax(1), u)
-            a.sub_(norm.log_()[:, None])  # w = a + v + u = log p(k|x) under the current v, unclamped
-            new_max = torch.maximum(col_max, a.amax(0))
-            col_sum.mul_((col_max - new_max).exp_())
-            a.sub_(new_max).clamp_(min=LOG_P_FLOOR).exp_()
-            col_sum.add_(a.sum(0))
-            col_max = new_max
-        col_lse = _global_lse(col_max, col_sum)
+        code_bias = base + v
+        local = None if backend is None else backend.column_lse(x, codebook, code_bias, beta, rows)
+        if local is None:
+            local = _column_lse_eager(x, codebook, code_bias, beta, rows)
+        col_lse = _global_lse(*local)
         v.add_(log_ratio + torch.logsumexp(col_lse, 0) - col_lse)
     return v
+
+
+def _column_lse_eager(x: Tensor, codebook: Tensor, code_bias: Tensor, beta: float, rows: int) -> tuple[Tensor, Tensor]:
+    """The reference of the fused ``column_lse``: local (M, S) with logsumexp_x w = M + log S, where
+    w = a - logsumexp_k a and a = code_bias - beta d (row constants dropped), over chunks of rows."""
+    n, num_codes = x.shape[0], codebook.shape[0]
+    bias = code_bias - beta * codebook.square().sum(1)
+    scores = x.new_empty(max(min(rows, n), 1), num_codes)
+    probs = torch.empty_like(scores)
+    col_max = x.new_full((num_codes,), -math.inf)
+    col_sum = x.new_zeros(num_codes)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        a, u = scores[: stop - start], probs[: stop - start]
+        torch.addmm(bias, x[start:stop], codebook.t(), alpha=2.0 * beta, out=a)
+        norm = row_softmax_(a, a.amax(1), u)
+        a.sub_(norm.log_()[:, None])  # w = log p(k|x) under the current v, unclamped
+        new_max = torch.maximum(col_max, a.amax(0))
+        col_sum.mul_((col_max - new_max).exp_())
+        a.sub_(new_max).clamp_(min=LOG_P_FLOOR).exp_()
+        col_sum.add_(a.sum(0))
+        col_max = new_max
+    return col_max, col_sum
 
 
 def _global_lse(local_max: Tensor, local_sum: Tensor) -> Tensor:

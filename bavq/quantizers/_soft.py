@@ -60,9 +60,9 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
     if backend is not None:
         fused = backend.soft_assign(x, codebook, log_weight, beta, rows, nearest)
         if fused is not None:
-            # The fused kernels do not yet return the column maximum behind ``reached`` (a
-            # diagnostic): one extra chunked pass computes it (TODO: fold it into the kernels).
-            return SoftStats(**fused, reached=reached_codes(x, codebook, log_weight, beta, rows))
+            if "reached" not in fused:  # the Triton passes do not return the column maximum behind it
+                fused["reached"] = reached_codes(x, codebook, log_weight, beta, rows)
+            return SoftStats(**fused)
     return _soft_assign_eager(x, codebook, log_weight, beta, rows, nearest)
 
 

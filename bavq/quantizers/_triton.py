@@ -248,3 +248,16 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
         "entropy": r["lse"] - r["mean_a"],
         "soft_dist": r["mean_d"] + sq_rows,
     }
+
+
+def code_gaps(x: Tensor, codebook: Tensor, rows: int) -> None:
+    """No Triton kernel for the code gaps (anneal mode's reach measure): the eager code runs."""
+    return None
+
+
+def column_lse(x: Tensor, codebook: Tensor, code_bias: Tensor, beta: float, rows: int) -> tuple[Tensor, Tensor]:
+    """One Sinkhorn iteration's column statistics (``_fused.column_lse``'s contract): the row pass
+    gives each row's log-sum-exp, the column pass the column (max, sum) of a - lse."""
+    r = row_pass(x, codebook, beta, code_bias, allow_tf32=ALLOW_TF32)
+    cols = col_pass(x, codebook, beta, code_bias, -r["lse"], allow_tf32=ALLOW_TF32)
+    return cols["col_max"], cols["col_sum"]

@@ -88,8 +88,10 @@ static inline vf vexp(vf x) {
 
 // One row of the chunk. g holds a (no code bias) or d' (with a code bias c: a = c - beta d').
 // Writes u = exp(max(a - max a, floor)) over g; returns the index; out[6] as in _fused.py.
+// Column maxima over the rows: colb of the floored log-odds b; with a code bias also colg of
+// min_j d' - d' (minus the code gaps).
 static int64_t sweep_row(float* g, const float* c, int64_t K, float beta, bool nearest, float floor_,
-                         float* out, float* colb) {
+                         float* out, float* colb, float* colg) {
   const int64_t Kv = K - K % W;
   const float inf = __builtin_inff();
   // sweep 1: per-lane best values and first indices (strict compares keep the first)
@@ -121,7 +123,8 @@ static int64_t sweep_row(float* g, const float* c, int64_t K, float beta, bool n
   // sweep 2: exp, sums, u written in place
   vf vnorm = vf{}, vsb = vf{}, vsd = vf{};
   const vf fl = splat(floor_), am = splat(best_a);
-  auto body = [&](float* p, const float* cp, float* bp, bool partial, int64_t count) {
+  const vf dm = splat(best_d);
+  auto body = [&](float* p, const float* cp, float* bp, float* gp, bool partial, int64_t count) {
     vf v, cv = vf{};
     if (partial) {
       float tmp[W], ctmp[W];
@@ -136,8 +139,10 @@ static int64_t sweep_row(float* g, const float* c, int64_t K, float beta, bool n
     vf u = vexp(b);
     if (partial) {
       for (int i = 0; i < count; ++i) bp[i] = std::max(bp[i], b[i]);
+      if (c) for (int i = 0; i < count; ++i) gp[i] = std::max(gp[i], best_d - v[i]);
     } else {
       store(bp, vmax(load(bp), b));  // column max of the floored log-odds: "reached" is > floor
+      if (c) store(gp, vmax(load(gp), dm - v));  // v = d' here
     }
     if (partial) {
       for (int i = count; i < W; ++i) { u[i] = 0.0f; b[i] = 0.0f; v[i] = 0.0f; }
@@ -149,8 +154,8 @@ static int64_t sweep_row(float* g, const float* c, int64_t K, float beta, bool n
     vnorm += u; vsb += u * b;
     if (c) vsd += u * v;
   };
-  for (int64_t k = 0; k < Kv; k += W) body(g + k, c ? c + k : nullptr, colb + k, false, W);
-  if (Kv < K) body(g + Kv, c ? c + Kv : nullptr, colb + Kv, true, K - Kv);
+  for (int64_t k = 0; k < Kv; k += W) body(g + k, c ? c + k : nullptr, colb + k, c ? colg + k : nullptr, false, W);
+  if (Kv < K) body(g + Kv, c ? c + Kv : nullptr, colb + Kv, c ? colg + Kv : nullptr, true, K - Kv);
   float norm = 0.0f, sb = 0.0f, sd = 0.0f;
   for (int i = 0; i < W; ++i) { norm += vnorm[i]; sb += vsb[i]; sd += vsd[i]; }
   const float mean_b = sb / norm;
@@ -192,8 +197,9 @@ static int64_t argmin_row(const float* g, int64_t K, float* best_out) {
 // thread, and the eager loop has several per chunk. Partial sums are added in worker order, so the
 // result is deterministic for a given number of workers.
 // mode 0: soft E-step (g = addmm(bias, x, E^T, alpha)), with the per-worker column max of the floored
-// log-odds b (``reached``); mode 1: nearest codes only; mode 2: nearest codes and the per-worker
-// column max of min_j d'(x, j) - d'(x, k) (minus the code gaps of _nearest.code_gaps).
+// log-odds b (``reached``) and, with a code bias, of min_j d' - d' (minus the gaps); mode 1: nearest
+// codes only; mode 2: nearest codes and the per-worker column max of min_j d'(x, j) - d'(x, k) (minus
+// the code gaps of _nearest.code_gaps).
 std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor bias, at::Tensor code_bias,
                                    double alpha, double beta, bool nearest, double floor_, int64_t rows,
                                    int64_t workers, int64_t mode) {
@@ -211,6 +217,7 @@ std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor
   auto per_row = at::empty({N, mode == 0 ? 6 : 1}, x.options());
   auto partial = at::zeros({mode == 0 ? workers : 0, D + 1, K}, x.options());
   auto colmax = at::full({mode == 1 ? 0 : workers, K}, -__builtin_inff(), x.options());
+  auto colgap = at::full({mode == 0 && c ? workers : 0, K}, -__builtin_inff(), x.options());
   int64_t* ip = indices.data_ptr<int64_t>();
   float* op = per_row.data_ptr<float>();
   at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
@@ -219,6 +226,7 @@ std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor
       auto buf = at::empty({std::min(rows, N), K}, x.options());
       auto wts = at::empty({std::min(rows, N), D + 1}, x.options());
       float* cm = mode == 1 ? nullptr : colmax[w].data_ptr<float>();
+      float* cg = (mode == 0 && c) ? colgap[w].data_ptr<float>() : nullptr;
       for (int64_t ci = w; ci < chunks; ci += workers) {
         const int64_t s = ci * rows, m = std::min(rows, N - s);
         auto xc = x.narrow(0, s, m);
@@ -237,7 +245,7 @@ std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor
           continue;
         }
         for (int64_t r = 0; r < m; ++r)
-          ip[s + r] = sweep_row(gp + r * K, c, K, (float)beta, nearest, (float)floor_, op + (s + r) * 6, cm);
+          ip[s + r] = sweep_row(gp + r * K, c, K, (float)beta, nearest, (float)floor_, op + (s + r) * 6, cm, cg);
         auto wc = wts.narrow(0, 0, m);
         wc.narrow(1, 0, D).copy_(xc);
         wc.select(1, D).fill_(1.0);
@@ -249,7 +257,8 @@ std::vector<at::Tensor> chunk_loop(at::Tensor x, at::Tensor codebook, at::Tensor
   });
   if (mode == 1) return {indices, per_row.select(1, 0)};
   if (mode == 2) return {indices, per_row.select(1, 0), std::get<0>(colmax.max(0))};
-  return {indices, per_row, partial.sum(0), std::get<0>(colmax.max(0))};
+  return {indices, per_row, partial.sum(0), std::get<0>(colmax.max(0)),
+          c ? std::get<0>(colgap.max(0)) : colgap};
 }
 
 // One Sinkhorn iteration's column log-sum-exp (the balanced E-step, _sinkhorn.py), under one parallel
@@ -408,7 +417,7 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
     bias = (-beta * sq_codes) if log_weight is None else sq_codes
     code_bias = x.new_empty(0) if log_weight is None else log_weight.contiguous()
     alpha = 2.0 * beta if log_weight is None else -2.0
-    indices, per_row, sums_t, best_b = module.chunk_loop(x, codebook, bias, code_bias, alpha, float(beta),
+    indices, per_row, sums_t, best_b, neg_gap = module.chunk_loop(x, codebook, bias, code_bias, alpha, float(beta),
                                                          bool(nearest), LOG_P_FLOOR, small,
                                                          _workers(max(rows, small), small), 0)
     sq_rows = x.square().sum(1)
@@ -421,6 +430,7 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
         "entropy": per_row[:, _NORM].log() - per_row[:, _MEAN_B],
         "soft_dist": per_row[:, _SOFT_D] + sq_rows,
         "reached": (best_b > LOG_P_FLOOR).to(x.dtype),
+        "gaps": neg_gap.neg_().clamp_(min=0.0) if log_weight is not None else None,
     }
 
 

@@ -24,6 +24,7 @@ class SoftStats:
     entropy: Tensor  # (N,) H(p(.|x)) in nats
     soft_dist: Tensor  # (N,) sum_k p(k|x) d(x, k)
     reached: Tensor  # (K,) 1.0 where some row gives code k log-odds above LOG_P_FLOOR, else 0.0
+    gaps: Tensor | None = None  # (K,) _nearest.code_gaps of these rows, where the pass had d (a log_weight)
 
 
 @torch.no_grad()
@@ -54,7 +55,9 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
     dropped (softmax is shift invariant). The softmax is done in the log domain (max shift), so rows
     never underflow to NaN at K = 16,384. ``reached`` flags the codes whose best log-odds over these
     rows, max_x (a(x,k) - max_j a(x,j)), is above LOG_P_FLOOR: the others get zero mass in fp32 (up
-    to the floor) and cannot move; a column max per chunk detects them exactly.
+    to the floor) and cannot move; a column max per chunk detects them exactly. With a ``log_weight``
+    the pass also holds the distances and returns ``gaps`` (:func:`._nearest.code_gaps`, anneal mode's
+    reach measure) from one more column max; else (and on the Triton path) ``gaps`` is None.
     """
     backend = fused_backend(x, codebook)
     if backend is not None:
@@ -80,26 +83,29 @@ def _soft_assign_eager(x: Tensor, codebook: Tensor, log_weight: Tensor | None, b
     scores = x.new_empty(min(rows, n), num_codes)
     probs = torch.empty_like(scores)
     fused_bias = -beta * sq_codes if log_weight is None else None
+    neg_gap = None if log_weight is None else x.new_full((num_codes,), -math.inf)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         xc, a, u = x[start:stop], scores[: stop - start], probs[: stop - start]
         part = {name: values[start:stop] for name, values in out.items()}  # views: written in place
-        a_max = _chunk_logits(xc, codebook, sq_codes, fused_bias, log_weight, beta, nearest, a, u, part)
+        a_max = _chunk_logits(xc, codebook, sq_codes, fused_bias, log_weight, beta, nearest, a, u, part, neg_gap)
         _chunk_soft_stats(xc, a, a_max, u, log_weight, beta, part, best_b, sums_t)
     for name in ("min_dist", "hard_dist", "soft_dist"):
         out[name].add_(sq_rows)
     out["min_dist"].clamp_(min=0.0)
     out["hard_dist"].clamp_(min=0.0)
+    gaps = None if neg_gap is None else neg_gap.neg_().clamp_(min=0.0)
     return SoftStats(soft_counts=sums_t[dim].clone(), soft_sums=sums_t[:dim].t().clone(),
-                     reached=(best_b > LOG_P_FLOOR).to(x.dtype), **out)
+                     reached=(best_b > LOG_P_FLOOR).to(x.dtype), gaps=gaps, **out)
 
 
 def _chunk_logits(xc: Tensor, codebook: Tensor, sq_codes: Tensor, fused_bias: Tensor | None,
                   log_weight: Tensor | None, beta: float, nearest: bool, a: Tensor, u: Tensor,
-                  part: dict[str, Tensor]) -> Tensor:
+                  part: dict[str, Tensor], neg_gap: Tensor | None) -> Tensor:
     """The hard part of one chunk: logits a' = log_weight - beta d' into ``a`` (d' = d - ||x||^2),
     the hard code and the min and hard d' into ``part``; returns the row maxima of a'. Without a
-    log_weight one addmm with ``fused_bias`` gives a'; with one, ``u`` first holds d'."""
+    log_weight one addmm with ``fused_bias`` gives a'; with one, ``u`` first holds d' and the column
+    max of min_j d' - d' goes into ``neg_gap``."""
     if log_weight is None:
         torch.addmm(fused_bias, xc, codebook.t(), alpha=2.0 * beta, out=a)
         a_max, a_arg = a.max(1)
@@ -109,6 +115,7 @@ def _chunk_logits(xc: Tensor, codebook: Tensor, sq_codes: Tensor, fused_bias: Te
         return a_max
     torch.addmm(sq_codes, xc, codebook.t(), alpha=-2.0, out=u)  # d' = d - ||x||^2
     d_min, d_arg = u.min(1)
+    column_max_(neg_gap, torch.sub(d_min[:, None], u, out=a))
     torch.add(log_weight, u, alpha=-beta, out=a)  # a' = log_weight - beta d'
     a_max, a_arg = a.max(1)
     part["min_dist"].copy_(d_min)

@@ -164,18 +164,18 @@ class BAVQ(Quantizer):
         rows = x.detach()
         if self.beta_mode == "adaptive" and float(self.d_hat) < 0:
             self._measure_first_d_hat(rows)
-        elif self.beta_mode == "anneal":
-            if float(self.d_hat) < 0:
-                self._measure_start(rows)
-            gaps = _nearest.code_gaps(rows, self.codebook, self.rows_per_chunk)[0]
-            # min over micro-batches here and over ranks at the update: the gaps of the global batch
-            self._pending_gaps = gaps if self._pending_gaps is None else torch.minimum(self._pending_gaps, gaps)
+        elif self.beta_mode == "anneal" and float(self.d_hat) < 0:
+            self._measure_start(rows)
         beta = float(self.beta)
         log_weight = self._log_weight()
         if self.estep == "balanced":
             log_weight = self._balanced_log_weight(rows, log_weight, beta)
         st = _soft.soft_assign(rows, self.codebook, log_weight, beta, self.rows_per_chunk,
                               nearest=self.assign == "nearest")
+        if self.beta_mode == "anneal":  # the E-step pass gives the gaps when it had the distances
+            gaps = st.gaps if st.gaps is not None else _nearest.code_gaps(rows, self.codebook, self.rows_per_chunk)[0]
+            # min over micro-batches here and over ranks at the update: the gaps of the global batch
+            self._pending_gaps = gaps if self._pending_gaps is None else torch.minimum(self._pending_gaps, gaps)
         counts = torch.bincount(st.indices, minlength=self.num_codes).to(rows.dtype)
         scalars = torch.stack([rows.new_full((), rows.shape[0]), st.min_dist.sum(),
                                st.hard_dist.sum(), st.entropy.sum(), st.soft_dist.sum()])

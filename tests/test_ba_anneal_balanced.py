@@ -166,3 +166,29 @@ def test_data_init_with_more_codes_than_rows_is_distinct_and_rank_identical():
         torch.testing.assert_close(a, one, rtol=1e-6, atol=1e-6)
         # codebook after one update: the init was distinct, and so are the updated codes
         assert torch.unique(a, dim=0).shape[0] == BIG_K, name
+
+
+@pytest.mark.parametrize("beta_mode", ["anneal", "adaptive", "fixed"])
+@pytest.mark.parametrize("estep", ["balanced", "softmax"])
+def test_steady_state_step_reads_the_device_once(monkeypatch, beta_mode, estep):
+    # Issue 15: on a GPU every host read of a tensor (float(), bool(), .item()) waits for the device.
+    # After the first steps (start measurement, data init) a BA-VQ step reads beta once (the kernels'
+    # scalar argument) and VQ-EMA not at all; schedules, D_hat and the gaps stay on the device.
+    ba = BAVQ(256, 8, beta_mode=beta_mode, estep=estep).train()
+    vq = VQEMA(256, 8, init="data").train()
+    z = torch.randn(4, 8, 8, 8, requires_grad=True)
+    for _ in range(2):
+        ba(z), vq(z)
+    reads = []
+    for name in ("__float__", "__bool__", "__int__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    ba(z)
+    ba_reads, reads[:] = list(reads), []
+    vq(z)
+    assert ba_reads == ["__float__"] and reads == []

@@ -312,7 +312,8 @@ def test_data_init_takes_codes_from_the_batch(kind, num_rows):
 @pytest.mark.parametrize("kind", ["vq_ema", "ba_vq"])
 def test_dead_codes_restart_from_batch_vectors(kind):
     threshold = 0.995  # unused codes decay to 0.99 < threshold, used ones reach >= 0.99 + 0.01
-    extra = {"beta_mode": "fixed", "beta_start": 50.0} if kind == "ba_vq" else {}
+    # softmax E-step: with the balanced one 16 vectors spread mass over all 64 codes and none stays alive
+    extra = {"beta_mode": "fixed", "beta_start": 50.0, "estep": "softmax"} if kind == "ba_vq" else {}
     q = make(kind, dead_code_threshold=threshold, decay=0.99, **extra)
     z = torch.randn(16, D)  # 16 vectors cannot keep 64 codes alive
     out = q(z)

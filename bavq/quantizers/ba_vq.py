@@ -34,11 +34,12 @@ from bavq.quantizers.checks import check_ba_vq_args
 _NUM_SCALARS = 5  # vectors, sum min d, sum d(x, index(x)), sum H(p(.|x)), sum_x sum_k p d
 
 
-def geometric(start: float, end: float, step: int, steps: int) -> float:
-    """start -> end geometrically over ``steps`` steps, constant at ``end`` afterwards."""
+def geometric(start: float, end: float, step: Tensor, steps: int) -> Tensor:
+    """start -> end geometrically over ``steps`` steps, constant at ``end`` afterwards (``step`` is
+    the 0-dim step buffer: the result stays on its device, no host read)."""
     if steps <= 0:
-        return end
-    return start * (end / start) ** (min(step, steps) / steps)
+        return torch.full((), end, device=step.device)
+    return start * (end / start) ** (step.clamp(max=steps).float() / steps)
 
 
 def _moments(x: Tensor) -> Tensor:
@@ -47,12 +48,13 @@ def _moments(x: Tensor) -> Tensor:
     return torch.cat([count, x.sum(0), (x.t() @ x).reshape(-1)])
 
 
-def _critical_spread(moments: Tensor, dim: int) -> float:
-    """2 lambda_max(Cov x) from GLOBAL moments: the critical temperature of deterministic annealing."""
+def _critical_spread(moments: Tensor, dim: int) -> Tensor:
+    """2 lambda_max(Cov x) from GLOBAL moments (0-dim, on their device): the critical temperature of
+    deterministic annealing."""
     n = moments[0].clamp_min(1.0)
     mean = moments[1 : 1 + dim] / n
     cov = moments[1 + dim :].view(dim, dim) / n - torch.outer(mean, mean)
-    return 2.0 * float(torch.linalg.eigvalsh(cov.double()).max().clamp_min(0.0))
+    return 2.0 * torch.linalg.eigvalsh(cov.double()).max().clamp_min(0.0).to(moments.dtype)
 
 
 class BAVQ(Quantizer):
@@ -107,7 +109,8 @@ class BAVQ(Quantizer):
         self.register_buffer("beta", torch.tensor(beta_start if beta_mode == "fixed" else 0.0))
         self.register_buffer("d_hat", torch.tensor(-1.0))
         self._pending_gaps: Tensor | None = None  # anneal mode: local per-code gaps not yet reduced
-        self._critical = 0.0  # anneal mode: 2 lambda_max(Cov x) of the last global batch
+        self._critical: Tensor | None = None  # anneal mode: 2 lambda_max(Cov x) of the last global batch
+        self._measured = False  # host copy of "d_hat >= 0" (adaptive / anneal): no device read per step
 
     # ------------------------------------------------------------------ E-step
     def _log_weight(self) -> Tensor | None:
@@ -121,8 +124,8 @@ class BAVQ(Quantizer):
         _, min_dist = _nearest.nearest_codes(x, self.codebook, self.rows_per_chunk)
         totals = torch.stack([min_dist.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
         dist.all_reduce_sum(totals)
-        self.d_hat.fill_(float(totals[0] / totals[1].clamp_min(1.0)))
-        self.beta.fill_(self._adaptive_target(int(self.step)))
+        self.d_hat.copy_(totals[0] / totals[1].clamp_min(1.0))
+        self.beta.copy_(self._adaptive_target())
 
     def _measure_start(self, x: Tensor) -> None:
         """Anneal mode's hot start, from the first GLOBAL batch (collective, once): D_hat and
@@ -130,10 +133,10 @@ class BAVQ(Quantizer):
         gaps, min_dist = _nearest.code_gaps(x, self.codebook, self.rows_per_chunk)
         largest_gap = dist.all_reduce_max(gaps.neg()).neg().max()  # a code's gap is its min over ranks
         totals = dist.all_reduce_sum(torch.cat([min_dist.sum().reshape(1), _moments(x)]))
-        self.d_hat.fill_(float(totals[0] / totals[1].clamp_min(1.0)))
-        self.beta.fill_(self._reach_beta(float(largest_gap), _critical_spread(totals[1:], self.code_dim)))
+        self.d_hat.copy_(totals[0] / totals[1].clamp_min(1.0))
+        self.beta.copy_(self._reach_beta(largest_gap, _critical_spread(totals[1:], self.code_dim)))
 
-    def _reach_beta(self, largest_gap: float, critical: float) -> float:
+    def _reach_beta(self, largest_gap: Tensor, critical: Tensor) -> Tensor:
         """The coldest beta at which every code still receives posterior mass: anneal_start_nats / spread.
 
         A code whose log-odds against every row's best code is below ~-80 gets exactly zero mass in
@@ -146,26 +149,32 @@ class BAVQ(Quantizer):
         start far away, so beta_0 is very hot; as they move in the gap shrinks and this floor lets
         beta follow them instead of wasting steps above the data's scale.
         """
-        return self.anneal_start_nats / max(largest_gap, min(float(self.d_hat), critical), 1e-20)
+        spread = torch.maximum(largest_gap, torch.minimum(self.d_hat, critical)).clamp_min(1e-20)
+        return self.anneal_start_nats / spread
 
-    def _anneal_next(self, largest_gap: float, critical: float) -> float:
+    def _anneal_next(self, largest_gap: Tensor, critical: Tensor) -> Tensor:
         """beta of the next step: cool by at most anneal_rate (1 - decay) per step (slower than the EMA's
         relaxation), never hotter than the reach floor, and at most the cold end anneal_end_nats / D_hat
         (which tracks the encoder's scale, so every run ends hard: beta D_hat = anneal_end_nats)."""
-        cold = self.anneal_end_nats / max(float(self.d_hat), 1e-20)
-        cooled = float(self.beta) * (1.0 + self.anneal_rate * (1.0 - self.decay))
-        return min(cold, max(cooled, self._reach_beta(largest_gap, critical)))
+        cold = self.anneal_end_nats / self.d_hat.clamp_min(1e-20)
+        cooled = self.beta * (1.0 + self.anneal_rate * (1.0 - self.decay))
+        return torch.minimum(cold, torch.maximum(cooled, self._reach_beta(largest_gap, critical)))
 
-    def _adaptive_target(self, step: int) -> float:
-        c = geometric(self.adaptive_c_start, self.adaptive_c_end, step, self.beta_anneal_steps)
-        return c * self.code_dim / (2.0 * max(float(self.d_hat), 1e-20))
+    def _adaptive_target(self) -> Tensor:
+        c = geometric(self.adaptive_c_start, self.adaptive_c_end, self.step, self.beta_anneal_steps)
+        return c * self.code_dim / (2.0 * self.d_hat.clamp_min(1e-20))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._measured = False  # d_hat came from the state dict: look at it once more
 
     def _train_stats(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         rows = x.detach()
-        if self.beta_mode == "adaptive" and float(self.d_hat) < 0:
-            self._measure_first_d_hat(rows)
-        elif self.beta_mode == "anneal" and float(self.d_hat) < 0:
-            self._measure_start(rows)
+        if self.beta_mode != "fixed" and not self._measured:
+            if bool(self.d_hat < 0):  # a device read once per construction or load, not per step
+                (self._measure_first_d_hat if self.beta_mode == "adaptive" else self._measure_start)(rows)
+            self._measured = True
+        # The one host read of the step: the kernels take beta as a scalar argument.
         beta = float(self.beta)
         log_weight = self._log_weight()
         if self.estep == "balanced":
@@ -270,15 +279,15 @@ class BAVQ(Quantizer):
         total = self.ema_count.sum()
         prior = (self.ema_count / total + self.prior_floor / self.num_codes) / (1.0 + self.prior_floor)
         self.log_prior.copy_(prior.log())
-        step = int(self.step)
+        # The schedules stay on the buffers' device (no host reads): see _train_stats for the one read.
         if self.beta_mode == "fixed":
-            self.beta.fill_(geometric(self.beta_start, self.beta_end, step, self.beta_anneal_steps))
+            self.beta.copy_(geometric(self.beta_start, self.beta_end, self.step, self.beta_anneal_steps))
         elif self.beta_mode == "anneal":
             gaps, self._pending_gaps = self._pending_gaps, None
-            largest_gap = float(dist.all_reduce_max(gaps.neg()).neg().max())  # a second, K-value collective
-            self.beta.fill_(self._anneal_next(largest_gap, self._critical))
+            largest_gap = dist.all_reduce_max(gaps.neg()).neg().max()  # a second, K-value collective
+            self.beta.copy_(self._anneal_next(largest_gap, self._critical))
         else:
-            self.beta.fill_(min(self._adaptive_target(step), float(self.beta) * (1.0 + self.max_beta_growth)))
+            self.beta.copy_(torch.minimum(self._adaptive_target(), self.beta * (1.0 + self.max_beta_growth)))
         return {
             "d_hat": self.d_hat.clone(),
             "prior_entropy": -(prior * self.log_prior).sum(),

@@ -89,6 +89,7 @@ class Quantizer(nn.Module):
         self.usage_window = WindowUsage(num_codes, usage_window)
         self._pending: Tensor | None = None  # local statistics not yet reduced
         self._pool: list[Tensor] = []  # this rank's vectors of the pending batches, for restarts
+        self._init_done = init == "random"  # host copy of ``initialized``: no device read per step
 
     # ------------------------------------------------------------------ subclass hooks
     def _train_stats(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -120,8 +121,10 @@ class Quantizer(nn.Module):
                 x = F.normalize(x, dim=1)
             extra_loss = None
             if self.training:
-                if self.init == "data" and not bool(self.initialized):
-                    self._data_init(x.detach())
+                if not self._init_done:
+                    if not bool(self.initialized):  # a device read once per construction or load
+                        self._data_init(x.detach())
+                    self._init_done = True
                 indices, stats, extra_loss = self._train_stats(x)
                 self._accumulate(stats, x.detach())
             else:
@@ -217,6 +220,10 @@ class Quantizer(nn.Module):
         metrics = self._usage_metrics(counts)
         metrics["distortion"] = (x - codes).square().sum(1).mean()
         return metrics
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_done = self.init == "random"  # ``initialized`` came from the state dict: look again
 
     def _apply(self, fn, recurse=True):
         # Keep the fp32 codebook state fp32 when the model is cast (module.half(), DeepSpeed bf16):

@@ -12,6 +12,7 @@ config is resolved and validated before anything runs, so a typo fails in one li
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -243,6 +244,17 @@ def sweep_parser():
     return p
 
 
+def _print_dry_run(cells: list[Cell], sweep: Sweep, args) -> None:
+    for cell in cells:
+        if args.skip_done and cell.done:
+            print(f"bavq-sweep: {cell.name} is done, skipped", file=sys.stderr)
+        else:
+            print(shlex.join(cell_command(cell, sweep.base_config, args.launcher)), flush=True)
+    if args.report:  # quoted globs: bavq-report expands them when the runs exist
+        globs = dict.fromkeys(str(c.run_dir.parent / f"{sweep.name}_*") for c in cells)
+        print(shlex.join(["bavq-report", *globs, "--out", args.report]), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``bavq-sweep SWEEP.yaml [...]``: 0 when every cell succeeded, 1 when some failed, 2 on a mistake."""
     from bavq.cli import fail
@@ -256,14 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, ValueError) as exc:  # shlex raises ValueError on unbalanced quotes
         return fail("bavq-sweep", str(exc).splitlines()[0])
     if args.dry_run:
-        for cell in cells:
-            if args.skip_done and cell.done:
-                print(f"bavq-sweep: {cell.name} is done, skipped", file=sys.stderr)
-            else:
-                print(shlex.join(cell_command(cell, sweep.base_config, args.launcher)))
-        if args.report:  # quoted globs: bavq-report expands them when the runs exist
-            globs = dict.fromkeys(str(c.run_dir.parent / f"{sweep.name}_*") for c in cells)
-            print(shlex.join(["bavq-report", *globs, "--out", args.report]))
+        try:
+            _print_dry_run(cells, sweep, args)
+        except BrokenPipeError:  # `bavq-sweep ... --dry-run | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     try:
         failures = run_sweep(cells, sweep.base_config, args.launcher, args.skip_done)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 if __package__ in (None, ""):  # run as a script from anywhere: make `import bavq` work
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bavq.quantizers import _entropy_loss, _fused, _nearest, _ops, _soft  # noqa: E402
+from bavq.quantizers import _entropy_loss, _fused, _nearest, _ops, _sinkhorn, _soft  # noqa: E402
 
 # Passes over one (rows x K) fp32 matrix, read or write, per chunk (counted from _soft.py and _nearest.py):
 PASSES = {
@@ -55,6 +56,13 @@ PASSES = {
     "soft_assign(lambda!=1)": 3 + 1 + 2 + 1 + 2 + 2 + 2 + 1 + 4 + 1 + 1,
     # addmm(sq, out=d) (3); min (1)
     "nearest_codes": 3 + 1,
+    # one Sinkhorn iteration of the balanced E-step (_sinkhorn._column_lse_eager): addmm (3); amax (1);
+    # row_softmax_: sub_ (2), clamp (2), exp_ (2), sum (1); sub_ log norm (2); amax(0) (1); sub_ (2);
+    # clamp_ (2); exp_ (2); sum(0) (1)
+    "sinkhorn_iteration": 3 + 1 + 2 + 2 + 2 + 1 + 2 + 1 + 2 + 2 + 2 + 1,
+    # fused column_lse: addmm (3); row max (1); row exp-sum (1); w in place + column max (2); column
+    # exp-sum (1)
+    "fused sinkhorn_iteration": 3 + 1 + 1 + 2 + 1,
     # fused (cache-sized chunks, so most of these passes hit L2/L3): addmm (3); sweep 1 (1);
     # sweep 2 reads and writes u (2); stats addmm_ (1)
     "fused soft_assign(lambda=1)": 3 + 1 + 2 + 1,
@@ -132,13 +140,16 @@ def exp_rate(rows: int, num_codes: int, device: torch.device, repeats: int = 3) 
 
 
 def kernel_seconds(x: torch.Tensor, codebook: torch.Tensor, rows: int, repeats: int) -> dict:
-    """Wall time of the library's kernels on x (N, D): BA-VQ's E-step (lambda = 1 and != 1) and VQ-EMA's,
-    on the eager reference code and on the fused path."""
+    """Wall time of the library's kernels on x (N, D): BA-VQ's E-step (lambda = 1 and != 1), one
+    Sinkhorn iteration of its balanced E-step and VQ-EMA's hard assignment, on the eager reference
+    code and on the fused path."""
     log_weight = torch.full((codebook.shape[0],), -0.5, device=x.device)  # (1 - lambda) log q, any values
+    log_ratio = torch.full_like(log_weight, -math.log(codebook.shape[0]))  # the uniform target
     calls = {
         "soft_assign(lambda=1)": lambda: _soft.soft_assign(x, codebook, None, 1.0, rows, nearest=True),
         "soft_assign(lambda!=1)": lambda: _soft.soft_assign(x, codebook, log_weight, 1.0, rows, nearest=True),
         "nearest_codes": lambda: _nearest.nearest_codes(x, codebook, rows),
+        "sinkhorn_iteration": lambda: _sinkhorn.balance_potentials(x, codebook, None, 1.0, rows, log_ratio, 1),
     }
     out = {}
     with _ops.fp32_math(x.device.type):
@@ -182,8 +193,9 @@ def measure_dim(n: int, num_codes: int, dim: int, rows: int, device: torch.devic
         mm_chunk = mm_fused if name.startswith("fused") else mm
         mm_chunk_seconds = mm_chunk["distance"] + (mm_chunk["statistics"] if soft else 0.0)
         traffic = PASSES[name] * elements * 4.0
+        exp_count = elements * (2 if "sinkhorn" in name else 1 if soft else 0)  # row and column exps
         floors = {"compute_at_peak": mm_flops / peak, "memory_at_copy_bw": traffic / bandwidth,
-                  "exp": elements / exps if soft else 0.0}
+                  "exp": exp_count / exps}
         result["kernels"][name] = {
             "seconds": seconds,
             "matmul_flops": mm_flops,
@@ -193,7 +205,7 @@ def measure_dim(n: int, num_codes: int, dim: int, rows: int, device: torch.devic
             # the same, against torch.mm in the kernel's own chunk size (cache-sized for fused kernels)
             "efficiency_vs_matmul_own_chunks": mm_chunk_seconds / seconds,
             "efficiency_vs_peak": mm_flops / seconds / peak,
-            "elementwise_exp": elements if soft else 0,
+            "elementwise_exp": exp_count,
             "intermediate_passes": PASSES[name],
             "intermediate_bytes_per_s": traffic / seconds,
             "fraction_of_copy_bw": traffic / seconds / bandwidth,

@@ -65,6 +65,7 @@ class QuantizerConfig:
     estep: str = "balanced"  # "softmax" (p ~ q^(1-lambda) exp(-beta d)) or "balanced" (Sinkhorn, columns n*r)
     balance_iters: int = 3  # balanced E-step: log-domain Sinkhorn iterations per step
     balance_target: str = "uniform"  # balanced E-step: column marginal r, "uniform" (1/K) or "prior" (q)
+    balance_warm_start: bool = False  # balanced E-step: start from the last step's potentials (in checkpoints)
 
     def validate(self) -> QuantizerConfig:
         """Every field's rule, whatever ``name``; the rules live with the quantizers, whose

@@ -31,6 +31,10 @@ import time
 import torch
 
 IMPLS = ("vq_ema", "ba_vq", "library", "vq_ema_eager", "ba_vq_eager")
+# --ba-variants: other BA-VQ E-steps timed in the same run (time only): the softmax E-step and the
+# balanced one warm-started with one Sinkhorn iteration per step.
+BA_VARIANTS = {"ba_vq_softmax": {"estep": "softmax"},
+               "ba_vq_warm1": {"balance_iters": 1, "balance_warm_start": True}}
 
 
 def _build(impl: str, num_codes: int, dim: int) -> torch.nn.Module:
@@ -41,7 +45,8 @@ def _build(impl: str, num_codes: int, dim: int) -> torch.nn.Module:
                               commitment_weight=0.25, accept_image_fmap=True)
     from bavq.quantizers import BAVQ, VQEMA
 
-    return (VQEMA if impl.startswith("vq_ema") else BAVQ)(num_codes, dim, decay=0.99, commitment=0.25)
+    extra = BA_VARIANTS.get(impl, {})
+    return (VQEMA if impl.startswith("vq_ema") else BAVQ)(num_codes, dim, decay=0.99, commitment=0.25, **extra)
 
 
 def _step(module: torch.nn.Module, impl: str, z: torch.Tensor) -> None:
@@ -76,14 +81,14 @@ def _timed_step(module: torch.nn.Module, impl: str, z: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def time_case(num_codes: int, dim: int, rows: int, repeats: int, device_name: str) -> dict:
+def time_case(num_codes: int, dim: int, rows: int, repeats: int, device_name: str, impls=IMPLS) -> dict:
     """Median step time (ms) of every implementation, interleaved in this one process."""
     device = torch.device(device_name)
     z = _inputs(dim, rows, device)
-    modules = {impl: _build(impl, num_codes, dim).to(device).train() for impl in IMPLS}
+    modules = {impl: _build(impl, num_codes, dim).to(device).train() for impl in impls}
     for impl, module in modules.items():  # warm-up (BA-VQ's first step also measures D_hat)
         _timed_step(module, impl, z)
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(repeats):
         for impl, module in modules.items():
             times[impl].append(_timed_step(module, impl, z))
@@ -128,11 +133,14 @@ def measure(num_codes: int, dim: int, args) -> dict:
     """{impl: {"ms": ..., "peak_mib": ...}} for one (K, D); NaN where a worker failed."""
     common = ["--rows", str(args.rows), "--repeats", str(args.repeats), "--device", args.device,
               "--threads", str(args.threads)]
-    times = _worker(["--worker", "time", str(num_codes), str(dim), *common]) or {}
+    variants = ["--ba-variants"] if args.ba_variants else []
+    times = _worker(["--worker", "time", str(num_codes), str(dim), *common, *variants]) or {}
     result = {}
     for impl in IMPLS:
         peak = _worker(["--worker", impl, str(num_codes), str(dim), *common])
         result[impl] = {"ms": times.get(impl, float("nan")), "peak_mib": float("nan") if peak is None else peak}
+    for impl in BA_VARIANTS if args.ba_variants else ():
+        result[impl] = {"ms": times.get(impl, float("nan")), "peak_mib": float("nan")}
     return result
 
 
@@ -167,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads in every worker (0 = torch's default); 1 on a busy shared CPU, "
                              "where OpenMP barriers wait for descheduled threads")
+    parser.add_argument("--ba-variants", action="store_true",
+                        help=f"also time BA-VQ with other E-steps in the same run: {', '.join(BA_VARIANTS)}")
     parser.add_argument("--worker", nargs=3, metavar=("WHAT", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rows % 1024:
@@ -178,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         what, num_codes, dim = args.worker[0], int(args.worker[1]), int(args.worker[2])
         if what == "time":
-            print(json.dumps(time_case(num_codes, dim, args.rows, args.repeats, args.device)))
+            impls = IMPLS + (tuple(BA_VARIANTS) if args.ba_variants else ())
+            print(json.dumps(time_case(num_codes, dim, args.rows, args.repeats, args.device, impls)))
         else:
             print(json.dumps(memory_case(what, num_codes, dim, args.rows, args.device)))
         return
@@ -189,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"K={num_codes} D={dim}: " + ", ".join(f"{i} {res[i]['ms']:.0f} ms" for i in IMPLS),
                   flush=True)
     print_table(results, args.device, args.rows)
+    for (num_codes, dim), res in results.items():
+        for impl in BA_VARIANTS if args.ba_variants else ():
+            print(f"K={num_codes} D={dim}: {impl} {res[impl]['ms']:.0f} ms, "
+                  f"{_ratio(res[impl]['ms'], res['vq_ema']['ms']).strip()}x our VQ-EMA (same run)")
     print(f"torch threads per worker: {args.threads or 'default'}")
 
 

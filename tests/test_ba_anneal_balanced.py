@@ -9,7 +9,7 @@ import pytest
 import torch
 from _mp import run_distributed  # tests/ is on sys.path under pytest (no package)
 
-from bavq.quantizers import BAVQ, VQEMA
+from bavq.quantizers import BAVQ, VQEMA, _sinkhorn
 
 K, D = 37, 3  # chunk sizes 7 and 11 divide neither N = 60 nor K
 
@@ -101,6 +101,34 @@ def test_balanced_columns_converge_to_the_target():
         q(batch(9))
         # decay 0: ema_count is this batch's column sums
         torch.testing.assert_close(q.ema_count, 60 * ratio, rtol=1e-3, atol=1e-4)
+
+
+def test_warm_started_iterations_accumulate_over_calls():
+    """balance_warm_start: k calls of one Sinkhorn iteration, each starting from the last v, are k
+    iterations; on a fixed batch and codebook they equal one cold call of k iterations."""
+    x, codebook = batch(3).movedim(1, -1).reshape(-1, D), torch.randn(K, D, generator=torch.Generator().manual_seed(4))
+    log_ratio = torch.full((K,), -math.log(K))
+    cold = _sinkhorn.balance_potentials(x, codebook, None, 2.0, 7, log_ratio, 5)
+    warm = None
+    for _ in range(5):
+        warm = _sinkhorn.balance_potentials(x, codebook, None, 2.0, 7, log_ratio, 1, warm)
+    torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_start_is_used_and_resumes_from_the_state_dict():
+    make = lambda warm: BAVQ(K, D, balance_iters=1, balance_warm_start=warm, chunk_size=7)  # noqa: E731
+    straight, cold = make(True), make(False)
+    for seed in (1, 2, 3):
+        straight(batch(seed)), cold(batch(seed))
+    assert float(straight.balance_v.abs().max()) > 0 and "balance_v" not in cold.state_dict()
+    assert not torch.equal(straight.codebook, cold.codebook)  # the second and third steps started warm
+    first = make(True)
+    first(batch(1)), first(batch(2))
+    resumed = make(True)
+    resumed.load_state_dict(first.state_dict())
+    resumed(batch(3))
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("estep", ["softmax", "balanced"])

@@ -21,6 +21,7 @@ BASE = ["train.max_steps=3"]
     ("quantizer.anneal_rate=0", "quantizer.anneal_rate"),
     ("quantizer.estep=hard", "quantizer.estep"),
     ("quantizer.balance_iters=0", "quantizer.balance_iters"),
+    ("quantizer.balance_warm_start=true quantizer.estep=softmax", "quantizer.balance_warm_start"),
     ("quantizer.balance_target=zipf", "quantizer.balance_target"),
     ("quantizer.num_codes=abc", "quantizer.num_codes"),
     ("quantizer.no_such_key=1", "quantizer.no_such_key"),
@@ -34,7 +35,7 @@ BASE = ["train.max_steps=3"]
 ])
 def test_bad_value_names_the_key(override, key):
     with pytest.raises(ConfigError) as info:
-        load_config(None, BASE + [override])
+        load_config(None, BASE + override.split())  # one or more key=value
     message = str(info.value)
     assert key in message and "\n" not in message
 

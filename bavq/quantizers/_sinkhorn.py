@@ -14,7 +14,7 @@ from bavq.quantizers._ops import fused_backend, row_softmax_
 
 @torch.no_grad()
 def balance_potentials(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: float, rows: int,
-                       log_ratio: Tensor, iters: int) -> Tensor:
+                       log_ratio: Tensor, iters: int, start: Tensor | None = None) -> Tensor:
     """Column potentials v (K,) of the balanced E-step p(k|x) = exp(a(x,k) + u_x + v_k).
 
     Log-domain Sinkhorn: each iteration is one chunked pass that takes the row potentials
@@ -30,7 +30,7 @@ def balance_potentials(x: Tensor, codebook: Tensor, log_weight: Tensor | None, b
     applies, else :func:`_column_lse_eager`, the reference.
     """
     base = x.new_zeros(codebook.shape[0]) if log_weight is None else log_weight
-    v = torch.zeros_like(base)
+    v = torch.zeros_like(base) if start is None else start.clone()  # ``start``: warm start (last step's v)
     backend = fused_backend(x, codebook)
     for _ in range(iters):
         code_bias = base + v

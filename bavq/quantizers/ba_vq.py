@@ -72,6 +72,10 @@ class BAVQ(Quantizer):
         estep: "softmax" (p ~ q^(1-lambda) exp(-beta d)) or "balanced" (Sinkhorn: columns n r_k).
         balance_iters: Sinkhorn iterations of the balanced E-step.
         balance_target: column marginal r of the balanced E-step, "uniform" (1/K) or "prior" (q).
+        balance_warm_start: start each E-step's Sinkhorn iterations from the column potentials of
+            the previous one (buffer ``balance_v``, global, saved in checkpoints) instead of 0, so
+            the iterations accumulate over steps: with ``balance_iters`` 1 a step makes 2 soft passes
+            instead of 4 (speed, README "Benchmarks"); not the default (its quality is unmeasured).
         beta_start, beta_end, beta_anneal_steps: the fixed schedule (geometric; also the length of
             the c schedule in adaptive mode).
         adaptive_c_start, adaptive_c_end: the c schedule of adaptive mode.
@@ -94,7 +98,8 @@ class BAVQ(Quantizer):
                  adaptive_c_end: float = 64.0, max_beta_growth: float = 0.001, entropy_weight: float = 1.0,
                  prior_floor: float = 0.1, assign: str = "nearest", entropy_loss_weight: float = 0.0,
                  anneal_start_nats: float = 4.0, anneal_end_nats: float = 32.0, anneal_rate: float = 0.5,
-                 estep: str = "balanced", balance_iters: int = 3, balance_target: str = "uniform", **common):
+                 estep: str = "balanced", balance_iters: int = 3, balance_target: str = "uniform",
+                 balance_warm_start: bool = False, **common):
         super().__init__(num_codes, code_dim, **common)
         self.beta_mode, self.beta_start, self.beta_end = beta_mode, beta_start, beta_end
         self.beta_anneal_steps, self.max_beta_growth = beta_anneal_steps, max_beta_growth
@@ -104,7 +109,10 @@ class BAVQ(Quantizer):
         self.anneal_start_nats, self.anneal_end_nats = anneal_start_nats, anneal_end_nats
         self.anneal_rate = anneal_rate
         self.estep, self.balance_iters, self.balance_target = estep, balance_iters, balance_target
+        self.balance_warm_start = balance_warm_start
         check_ba_vq_args(self)
+        if balance_warm_start:
+            self.register_buffer("balance_v", torch.zeros(num_codes))
         self.register_buffer("log_prior", torch.full((num_codes,), -math.log(num_codes)))
         self.register_buffer("beta", torch.tensor(beta_start if beta_mode == "fixed" else 0.0))
         self.register_buffer("d_hat", torch.tensor(-1.0))
@@ -207,8 +215,11 @@ class BAVQ(Quantizer):
             log_ratio = torch.full_like(self.log_prior, -math.log(self.num_codes))
         else:
             log_ratio = self.log_prior
+        start = self.balance_v if self.balance_warm_start else None
         v = _sinkhorn.balance_potentials(rows, self.codebook, log_weight, beta, self.rows_per_chunk, log_ratio,
-                                    self.balance_iters)
+                                         self.balance_iters, start)
+        if self.balance_warm_start:
+            self.balance_v.copy_(v)  # global (from global column sums): identical on every rank
         return v if log_weight is None else log_weight + v
 
     def _entropy_loss(self, x: Tensor, st: _soft.SoftStats, log_weight: Tensor | None, beta: float) -> Tensor:

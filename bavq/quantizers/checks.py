@@ -50,3 +50,5 @@ def check_ba_vq_args(args: Any) -> None:
     one_of(args.estep, "quantizer.estep", ("softmax", "balanced"))
     check(args.balance_iters >= 1, "quantizer.balance_iters", f"must be >= 1, got {args.balance_iters}")
     one_of(args.balance_target, "quantizer.balance_target", ("uniform", "prior"))
+    check(not args.balance_warm_start or args.estep == "balanced", "quantizer.balance_warm_start",
+          f"applies to estep 'balanced' only, but estep is '{args.estep}'")

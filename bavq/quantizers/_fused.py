@@ -385,20 +385,28 @@ def _workers(rows_budget: int, rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows_budget // max(rows, 1)))
 
 
-@torch.no_grad()
-def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor] | None:
-    """``_nearest.nearest_codes`` (same addmm, so the same codes) in cache-sized chunks under one parallel
-    region (5x faster at K = 16,384, D = 8); None when the extension is unavailable or D > 64."""
+def _hard_sweep(x: Tensor, codebook: Tensor, rows: int, mode: int) -> list[Tensor] | None:
+    """chunk_loop's hard modes (1: nearest codes; 2: also the column max behind the code gaps) in
+    cache-sized chunks, with ||x||^2 added back to the min distances (output 1); None when the
+    extension is unavailable or D > 64."""
     if x.shape[1] > 64:  # GEMM-bound: measured no faster than the eager loop at D = 256 (README)
         return None
     module = _load()
     if module is None:
         return None
     small = cache_rows(codebook.shape[0], x.shape[1], rows)
-    sq_codes = codebook.square().sum(1)
-    indices, min_d = module.chunk_loop(x, codebook, sq_codes, x.new_empty(0), -2.0, 0.0, True, LOG_P_FLOOR,
-                                       small, _workers(rows, small), 1)
-    return indices, min_d.add_(x.square().sum(1)).clamp_(min=0.0)
+    out = module.chunk_loop(x, codebook, codebook.square().sum(1), x.new_empty(0), -2.0, 0.0, True, LOG_P_FLOOR,
+                            small, _workers(rows, small), mode)
+    out[1] = out[1].add_(x.square().sum(1)).clamp_(min=0.0)
+    return out
+
+
+@torch.no_grad()
+def nearest_codes(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor] | None:
+    """``_nearest.nearest_codes`` (same addmm, so the same codes) in cache-sized chunks under one parallel
+    region (5x faster at K = 16,384, D = 8); None when the extension is unavailable or D > 64."""
+    out = _hard_sweep(x, codebook, rows, 1)
+    return None if out is None else (out[0], out[1])
 
 
 @torch.no_grad()
@@ -438,15 +446,8 @@ def soft_assign(x: Tensor, codebook: Tensor, log_weight: Tensor | None, beta: fl
 def code_gaps(x: Tensor, codebook: Tensor, rows: int) -> tuple[Tensor, Tensor] | None:
     """``_nearest.code_gaps`` (gaps (K,), min distance (N,)) from the nearest-code sweep plus a
     per-worker column max; None when the extension is unavailable or D > 64 (GEMM-bound)."""
-    if x.shape[1] > 64:
-        return None
-    module = _load()
-    if module is None:
-        return None
-    small = cache_rows(codebook.shape[0], x.shape[1], rows)
-    _, min_d, neg_gap = module.chunk_loop(x, codebook, codebook.square().sum(1), x.new_empty(0), -2.0, 0.0, True,
-                                          LOG_P_FLOOR, small, _workers(rows, small), 2)
-    return neg_gap.neg_().clamp_(min=0.0), min_d.add_(x.square().sum(1)).clamp_(min=0.0)
+    out = _hard_sweep(x, codebook, rows, 2)
+    return None if out is None else (out[2].neg_().clamp_(min=0.0), out[1])
 
 
 @torch.no_grad()

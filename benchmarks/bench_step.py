@@ -256,18 +256,28 @@ def _rank_cases(rank: int, world: int, cases: list[dict], opts: dict) -> list[di
 
 
 def _spawned_rank(rank: int, world: int, tmp: str, init_group: bool, cases: list[dict], opts: dict) -> None:
-    """One process of :func:`spawn_ranks`; rank 0 leaves its records in TMP/records.pkl."""
+    """One process of :func:`spawn_ranks`; rank 0 leaves its records in TMP/records.pkl.
+
+    On success the rank waits for the others, tears the group down and leaves with ``os._exit(0)``
+    once its records are on disk: a gloo rank that runs interpreter finalization can still abort in
+    C++ teardown ("terminate called without an active exception", seen in about 1 of 3 runs of the
+    two-rank dry run on a busy 2-core machine, with an empty Python stack), and the spawner then
+    kills the other rank and reports a failed benchmark that had finished."""
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
     if init_group:
         torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     try:
         records = _rank_cases(rank, world, cases, opts)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    except BaseException:
+        dist.shutdown(wait=False)  # the other ranks may never reach a barrier
+        raise
+    dist.shutdown(wait=True)
     if rank == 0:
         with open(os.path.join(tmp, "records.pkl"), "wb") as fh:
             pickle.dump(records, fh)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_ranks(cases: list[dict], opts: dict, world: int, init_group: bool, timeout: float) -> list[dict]:

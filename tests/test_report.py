@@ -135,6 +135,25 @@ def test_groups_split_when_configs_differ_beyond_seed(tmp_path):
     assert "BA-VQ (λ=1) [decay=0.999, world_size=2]" in {g["variant"] for g in result["groups"]}
 
 
+def test_a_field_added_after_older_runs_does_not_split_their_group(tmp_path):
+    """A grid that spans the addition of a config field: the older runs' config.yaml lacks it. Missing
+    at its default, they are seeds of one variant; a run that set a non-default value still splits."""
+    import yaml
+
+    make_run(tmp_path, "old", quantizer="ba_vq", seed=0)
+    make_run(tmp_path, "new", quantizer="ba_vq", seed=1)
+    make_run(tmp_path, "tuned", quantizer="ba_vq", seed=2, extra=["quantizer.balance_warm_start=true"])
+    cfg_path = tmp_path / "old" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    del cfg["quantizer"]["balance_warm_start"]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    result = write_report([str(tmp_path / "old"), str(tmp_path / "new")], tmp_path / "out")
+    assert [(g["variant"], g["n"]) for g in result["groups"]] == [("BA-VQ (λ=1)", 2)]
+    result = write_report([str(tmp_path)], tmp_path / "out2")
+    assert {(g["variant"], g["n"]) for g in result["groups"]} == {
+        ("BA-VQ (λ=1) [balance_warm_start=False]", 2), ("BA-VQ (λ=1) [balance_warm_start=True]", 1)}
+
+
 @pytest.mark.parametrize("quantizer, extra, label", [
     ({"name": "vq_ema"}, {}, "VQ-EMA"),
     ({"name": "vq_ema", "init": "data"}, {}, "VQ-EMA + data init"),

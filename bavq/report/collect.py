@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from bavq.config import Config, to_dict
+
 FINAL = "final_metrics.json"
 # The summarized metrics: (key in final_metrics.json, column title, number format, scale applied before
 # formatting); bavq.report.render turns them into the table's columns.
@@ -167,8 +169,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _signature(run: Run) -> dict:
-    sig = {k: v for k, v in _flatten(run.config).items() if not any(k.startswith(n) for n in _NEUTRAL)}
+def _defaults() -> dict:
+    """The flattened default config of this version."""
+    return _flatten(to_dict(Config()))
+
+
+def _signature(run: Run, defaults: dict | None = None) -> dict:
+    """The run's config keys that change what it measures. A key missing from an older run's config
+    (a field added later) takes this version's default: new fields are added with the default that
+    keeps the old behaviour, so a grid that spans the addition stays one group per variant."""
+    flat = {**(defaults or {}), **_flatten(run.config)} if run.config else {}
+    sig = {k: v for k, v in flat.items() if not any(k.startswith(n) for n in _NEUTRAL)}
     sig["world_size"] = json.dumps(run.final.get("world_size"))  # sets the global batch
     return sig
 
@@ -207,8 +218,9 @@ def assign_variants(runs: list[Run], label_keys: list[str] | None = None) -> lis
             run.variant = run.sweep_variant or variant_label(run.config, run.final)
         groups.setdefault((run.variant, run.num_codes), []).append(run)
     notes: dict[str, str] = {}  # full suffix -> number
+    defaults = _defaults()
     for members in groups.values():
-        sigs = [_signature(r) for r in members]
+        sigs = [_signature(r, defaults) for r in members]
         keys = sorted({k for s in sigs for k in s if len({t.get(k) for t in sigs}) > 1})
         if not keys:
             continue

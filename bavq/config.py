@@ -63,7 +63,7 @@ class QuantizerConfig:
     anneal_end_nats: float = 32.0  # anneal mode: cold end, beta * D_hat (D_hat = EMA of mean min distance)
     anneal_rate: float = 0.5  # anneal mode: beta grows by at most anneal_rate * (1 - decay) per step, in (0, 1]
     estep: str = "balanced"  # "softmax" (p ~ q^(1-lambda) exp(-beta d)) or "balanced" (Sinkhorn, columns n*r)
-    balance_iters: int = 3  # balanced E-step: log-domain Sinkhorn iterations per step
+    balance_iters: int = 3  # balanced E-step: Sinkhorn iterations per step; 0 = online (needs balance_warm_start)
     balance_target: str = "uniform"  # balanced E-step: column marginal r, "uniform" (1/K) or "prior" (q)
     balance_warm_start: bool = False  # balanced E-step: start from the last step's potentials (in checkpoints)
 

@@ -34,7 +34,8 @@ IMPLS = ("vq_ema", "ba_vq", "library", "vq_ema_eager", "ba_vq_eager")
 # --ba-variants: other BA-VQ E-steps timed in the same run (time only): the softmax E-step and the
 # balanced one warm-started with one Sinkhorn iteration per step.
 BA_VARIANTS = {"ba_vq_softmax": {"estep": "softmax"},
-               "ba_vq_warm1": {"balance_iters": 1, "balance_warm_start": True}}
+               "ba_vq_warm1": {"balance_iters": 1, "balance_warm_start": True},
+               "ba_vq_online": {"balance_iters": 0, "balance_warm_start": True}}
 
 
 def _build(impl: str, num_codes: int, dim: int) -> torch.nn.Module:

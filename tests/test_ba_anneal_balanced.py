@@ -115,8 +115,10 @@ def test_warm_started_iterations_accumulate_over_calls():
     torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5)
 
 
-def test_warm_start_is_used_and_resumes_from_the_state_dict():
-    make = lambda warm: BAVQ(K, D, balance_iters=1, balance_warm_start=warm, chunk_size=7)  # noqa: E731
+@pytest.mark.parametrize("iters", [1, 0])
+def test_warm_start_is_used_and_resumes_from_the_state_dict(iters):
+    make = lambda warm: BAVQ(K, D, balance_iters=iters if warm else 1, balance_warm_start=warm,  # noqa: E731
+                             chunk_size=7)
     straight, cold = make(True), make(False)
     for seed in (1, 2, 3):
         straight(batch(seed)), cold(batch(seed))
@@ -129,6 +131,29 @@ def test_warm_start_is_used_and_resumes_from_the_state_dict():
     resumed(batch(3))
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("target", ["uniform", "prior"])
+def test_online_balance_is_one_sinkhorn_step_from_the_steps_own_pass(monkeypatch, target):
+    """balance_iters 0: the E-step makes no Sinkhorn pass (one soft pass per step), and after the step
+    balance_v has taken exactly one Sinkhorn iteration from the v it used, on the step's batch and
+    pre-update codebook (float64 reference, no chunking)."""
+    q = BAVQ(K, D, beta_mode="fixed", beta_start=2.0, beta_end=2.0, balance_iters=0, balance_warm_start=True,
+             balance_target=target, entropy_weight=2.0, chunk_size=7)
+    passes = []
+    monkeypatch.setattr(_sinkhorn, "_column_lse_eager", lambda *a: passes.append(a))
+    monkeypatch.setattr(_sinkhorn, "fused_backend", lambda *a: None)
+    for seed in (1, 2, 3):
+        z = batch(seed)
+        v0, e0, log_prior0 = q.balance_v.double(), q.codebook.double(), q.log_prior.double()
+        q(z)
+        x = rows64(z)
+        a = -1.0 * log_prior0 - 2.0 * torch.cdist(x, e0).square()  # (1 - lambda) log q - beta d
+        log_ratio = log_prior0 if target == "prior" else torch.full((K,), -math.log(K), dtype=torch.float64)
+        u = -torch.logsumexp(a + v0, 1, keepdim=True)
+        expected = v0 + math.log(x.shape[0]) + log_ratio - torch.logsumexp(a + v0 + u, 0)
+        torch.testing.assert_close(q.balance_v.double(), expected, rtol=1e-4, atol=1e-3)
+    assert passes == [] and torch.isfinite(q.balance_v).all()
 
 
 @pytest.mark.parametrize("estep", ["softmax", "balanced"])

@@ -21,6 +21,7 @@ BASE = ["train.max_steps=3"]
     ("quantizer.anneal_rate=0", "quantizer.anneal_rate"),
     ("quantizer.estep=hard", "quantizer.estep"),
     ("quantizer.balance_iters=0", "quantizer.balance_iters"),
+    ("quantizer.balance_iters=-1 quantizer.balance_warm_start=true", "quantizer.balance_iters"),
     ("quantizer.balance_warm_start=true quantizer.estep=softmax", "quantizer.balance_warm_start"),
     ("quantizer.balance_target=zipf", "quantizer.balance_target"),
     ("quantizer.num_codes=abc", "quantizer.num_codes"),

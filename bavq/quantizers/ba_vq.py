@@ -75,7 +75,10 @@ class BAVQ(Quantizer):
         balance_warm_start: start each E-step's Sinkhorn iterations from the column potentials of
             the previous one (buffer ``balance_v``, global, saved in checkpoints) instead of 0, so
             the iterations accumulate over steps: with ``balance_iters`` 1 a step makes 2 soft passes
-            instead of 4 (speed, README "Benchmarks"); not the default (its quality is unmeasured).
+            instead of 4 (speed, README "Benchmarks"); not the default. With ``balance_iters`` 0 (the
+            online balance) a step makes ONE soft pass: it uses ``balance_v`` as it is, and the
+            update then takes one Sinkhorn step from that pass's global soft counts S (the column
+            sums of p under v): v <- v + log(n r) - log S, n = sum S, for the next step.
         beta_start, beta_end, beta_anneal_steps: the fixed schedule (geometric; also the length of
             the c schedule in adaptive mode).
         adaptive_c_start, adaptive_c_end: the c schedule of adaptive mode.
@@ -211,16 +214,29 @@ class BAVQ(Quantizer):
         Collective (2 all-reduces of K values per iteration). With gradient accumulation each
         micro-batch is balanced on its own global micro-batch (the columns of one micro-step).
         """
-        if self.balance_target == "uniform":
-            log_ratio = torch.full_like(self.log_prior, -math.log(self.num_codes))
-        else:
-            log_ratio = self.log_prior
         start = self.balance_v if self.balance_warm_start else None
-        v = _sinkhorn.balance_potentials(rows, self.codebook, log_weight, beta, self.rows_per_chunk, log_ratio,
-                                         self.balance_iters, start)
+        v = _sinkhorn.balance_potentials(rows, self.codebook, log_weight, beta, self.rows_per_chunk,
+                                         self._log_ratio(), self.balance_iters, start)
         if self.balance_warm_start:
             self.balance_v.copy_(v)  # global (from global column sums): identical on every rank
         return v if log_weight is None else log_weight + v
+
+    def _log_ratio(self) -> Tensor:
+        """log r_k, the balanced E-step's column marginal (sum_k r_k = 1)."""
+        if self.balance_target == "uniform":
+            return torch.full_like(self.log_prior, -math.log(self.num_codes))
+        return self.log_prior
+
+    def _online_balance(self, soft_counts: Tensor) -> None:
+        """``balance_iters`` 0: one Sinkhorn step on ``balance_v`` from the GLOBAL soft counts of the
+        step's E-step (its columns under the v it used), i.e. the column log-sum-exp that a Sinkhorn
+        pass would compute, taken from the pass the step already made; identical on every rank.
+
+        Before ``_after_update`` (the prior target is the prior the E-step used). A column whose
+        mass underflowed to 0 in fp32 is raised by at most ~88 nats per step (clamped at the
+        smallest normal fp32), never to inf."""
+        log_s = soft_counts.clamp_min(torch.finfo(torch.float32).tiny).log()
+        self.balance_v.add_(self._log_ratio() + torch.logsumexp(log_s, 0) - log_s)
 
     def _entropy_loss(self, x: Tensor, st: _soft.SoftStats, log_weight: Tensor | None, beta: float) -> Tensor:
         """mean_x H(p(.|x)) - H(mean_x p) over the GLOBAL batch, with a chunked backward.
@@ -265,6 +281,8 @@ class BAVQ(Quantizer):
             self._critical = _critical_spread(moments, dim)
         n, sum_min, sum_hard, sum_entropy, sum_soft = stats[-_NUM_SCALARS:].unbind()
         n = n.clamp_min(1.0)
+        if self.estep == "balanced" and self.balance_iters == 0:
+            self._online_balance(soft_counts)
         self.ema_count.mul_(self.decay).add_(soft_counts, alpha=1.0 - self.decay)
         self.ema_sum.mul_(self.decay).add_(soft_sums, alpha=1.0 - self.decay)
         alive = (self.ema_count > 1e-20 * self.ema_count.sum())[:, None]

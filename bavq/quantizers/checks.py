@@ -48,7 +48,9 @@ def check_ba_vq_args(args: Any) -> None:
           f"must be > quantizer.anneal_start_nats ({args.anneal_start_nats}), got {args.anneal_end_nats}")
     check(0 < args.anneal_rate <= 1, "quantizer.anneal_rate", f"must be in (0, 1], got {args.anneal_rate}")
     one_of(args.estep, "quantizer.estep", ("softmax", "balanced"))
-    check(args.balance_iters >= 1, "quantizer.balance_iters", f"must be >= 1, got {args.balance_iters}")
+    check(args.balance_iters >= 0, "quantizer.balance_iters", f"must be >= 0, got {args.balance_iters}")
+    check(args.balance_iters >= 1 or args.balance_warm_start, "quantizer.balance_iters",
+          "0 (the online balance) needs quantizer.balance_warm_start: true; use >= 1 otherwise")
     one_of(args.balance_target, "quantizer.balance_target", ("uniform", "prior"))
     check(not args.balance_warm_start or args.estep == "balanced", "quantizer.balance_warm_start",
           f"applies to estep 'balanced' only, but estep is '{args.estep}'")

@@ -2,7 +2,8 @@
 
 For BA-VQ these are the quantities that explain a result (DESIGN.md): the inverse temperature β,
 the learned prior's entropy H(q) / log K and its heaviest code q_max·K (the "one heavy code"
-failure), the rate I(X;K), and the per-sample assignment entropy (how soft the E-step still is).
+failure), the rate I(X;K), the per-sample assignment entropy (how soft the E-step still is) and how far the
+E-step's column marginal is from the balance target (total variation; runs before it was logged: n/a).
 The last logged training row of each run is used, averaged over the seeds of a group.
 """
 
@@ -22,6 +23,7 @@ DIAGNOSTICS = [
     ("quantizer/distortion", "hard distortion", "{:.4g}"),
     ("quantizer/distortion_soft", "soft distortion", "{:.4g}"),
     ("quantizer/usage_window", "window usage (%)", "{:.1f}"),
+    ("quantizer/balance_tv", "column TV to r", "{:.3f}"),
 ]
 
 

@@ -156,6 +156,23 @@ def test_online_balance_is_one_sinkhorn_step_from_the_steps_own_pass(monkeypatch
     assert passes == [] and torch.isfinite(q.balance_v).all()
 
 
+def test_balance_tv_measures_how_balanced_the_estep_was():
+    """balance_tv = 0.5 sum_k |S_k / n - r_k| from the step's own soft counts: near 0 after many Sinkhorn
+    iterations, large for the softmax E-step from off-centre random codes (float64 reference)."""
+    def step(**kw):
+        torch.manual_seed(5)
+        q = BAVQ(K, D, beta_mode="fixed", beta_start=2.0, beta_end=2.0, chunk_size=7, **kw)
+        e = q.codebook.double()
+        out = q(batch(1))
+        p = torch.softmax(-2.0 * torch.cdist(rows64(batch(1)), e).square(), 1)
+        return float(out.metrics["balance_tv"]), p
+    balanced, _ = step(balance_iters=30)
+    softmax, p = step(estep="softmax")
+    expected = 0.5 * (p.mean(0) - 1.0 / K).abs().sum()
+    assert softmax == pytest.approx(float(expected), rel=1e-4)
+    assert balanced < 0.02 < 0.3 < softmax
+
+
 @pytest.mark.parametrize("estep", ["softmax", "balanced"])
 @pytest.mark.parametrize("beta", [1e-8, 1e8])
 @pytest.mark.parametrize("lam", [0.0, 2.0])

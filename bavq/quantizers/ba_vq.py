@@ -93,7 +93,8 @@ class BAVQ(Quantizer):
     Flat statistics layout: [S (K) | M^b (K*D) | hard counts (K) | reached (K) | anneal mode only:
     n, sum x (D), sum x x^T (D*D) | 5 scalars], where
     reached_k counts the ranks on which some row gave code k mass above the fp32 floor; codes with 0
-    are reported as ``underflow_codes``.
+    are reported as ``underflow_codes``. ``balance_tv`` is the total variation between the step's
+    soft column marginal S / n and the balance target r (0: exactly balanced; logged for both E-steps).
     """
 
     def __init__(self, num_codes: int, code_dim: int, *, beta_mode: str = "anneal", beta_start: float = 1.0,
@@ -301,6 +302,9 @@ class BAVQ(Quantizer):
             "assign_entropy": assign_entropy,
             "rate": entropy_of_counts(soft_counts).float() - assign_entropy,
             "underflow_codes": (reached == 0).sum().to(stats.dtype),  # zero soft mass in fp32 this step
+            # How balanced this step's E-step was: total variation between its column marginal and r.
+            "balance_tv": 0.5 * (soft_counts / soft_counts.sum().clamp_min(1e-30)
+                                 - self._log_ratio().exp()).abs().sum(),
         }
         return counts, metrics
 

@@ -44,6 +44,9 @@ class QuantizerConfig:
     # rows, repeated draws get noise of 0.1 x the data's per-dimension std, so codes are distinct)
     init: str = "random"
     dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this; 0 = off
+    # the threshold is a fraction of the mean EMA count (tokens per update / K) instead of a count:
+    # the same rule at any K and batch (at K = 16,384 and 3,136 tokens a count of 0.5 kills most codes)
+    dead_code_relative: bool = False
     l2_normalize: bool = False  # put inputs and codes on the unit sphere before quantizing
     # BA-VQ only:
     # "anneal" (hot start measured on the first batch, slow cooling to a hard end), "fixed"

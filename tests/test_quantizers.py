@@ -309,6 +309,7 @@ def test_data_init_takes_codes_from_the_batch(kind, num_rows):
         assert 0 < int(from_data.sum()) <= num_rows and not from_data.all()
 
 
+@pytest.mark.filterwarnings("ignore:quantizer.dead_code_threshold")  # above the mean count on purpose
 @pytest.mark.parametrize("kind", ["vq_ema", "ba_vq"])
 def test_dead_codes_restart_from_batch_vectors(kind):
     threshold = 0.995  # unused codes decay to 0.99 < threshold, used ones reach >= 0.99 + 0.01
@@ -321,6 +322,39 @@ def test_dead_codes_restart_from_batch_vectors(kind):
     assert int(out.metrics["restarted_codes"]) == int(dead.sum()) > 20
     assert _is_row_of(q.codebook[dead], z).all()
     torch.testing.assert_close(q.ema_sum[dead], q.codebook[dead] * threshold)
+
+
+@pytest.mark.parametrize("scale", [1.0, 16.0])
+def test_relative_dead_code_threshold_is_a_fraction_of_the_mean_count(scale):
+    """dead_code_relative: dead below threshold x mean(ema_count), restarted with that count; the same
+    codes die whatever the tokens per code (scale: 16x the tokens, 16x the counts)."""
+    q = make("vq_ema", dead_code_threshold=0.5, dead_code_relative=True, decay=0.0)
+    z = torch.randn(int(64 * scale), D, generator=torch.Generator().manual_seed(11))
+    z = z[torch.arange(z.shape[0]) % 64]  # scale 16: each of 64 vectors 16 times, so counts scale by 16
+    out = q(z)  # trains and updates: decay 0 makes ema_count this batch's counts before restarts
+    counts = torch.bincount(out.indices.flatten(), minlength=K).float()
+    expected_dead = counts < 0.5 * counts.mean()
+    assert 0 < int(expected_dead.sum()) < K
+    assert int(out.metrics["restarted_codes"]) == int(expected_dead.sum())
+    assert torch.equal(q.ema_count == 0.5 * counts.mean(), expected_dead)  # restarted with the limit
+    assert _is_row_of(q.codebook[expected_dead], z).all()
+
+
+def test_absolute_threshold_above_the_mean_count_warns_once():
+    """An absolute threshold at or above tokens / K (most codes restarted every step) warns at the first
+    update, once; below it, or relative, no warning."""
+    import warnings
+
+    for threshold, relative, warns in ((0.5, False, True), (0.1, False, False), (0.5, True, False)):
+        q = make("vq_ema", dead_code_threshold=threshold, dead_code_relative=relative)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for seed in range(3):
+                q(torch.randn(32, D))  # 32 tokens / 64 codes: mean count 0.5
+        messages = [str(w.message) for w in caught if "dead_code_threshold" in str(w.message)]
+        assert len(messages) == int(warns), (threshold, relative, messages)
+        if warns:
+            assert "32 tokens / 64 codes = 0.5" in messages[0] and "dead_code_relative=true" in messages[0]
 
 
 @pytest.mark.parametrize("kind", ["vq_ema", "ba_vq"])

@@ -22,7 +22,7 @@ def build_quantizer(cfg: QuantizerConfig, *, seed: int = 0, usage_window: int = 
     common = dict(
         decay=cfg.decay, eps=cfg.eps, commitment=cfg.commitment, chunk_size=cfg.chunk_size,
         chunk_budget_mib=cfg.chunk_budget_mib, init=cfg.init, dead_code_threshold=cfg.dead_code_threshold,
-        l2_normalize=cfg.l2_normalize, seed=seed, usage_window=usage_window,
+        dead_code_relative=cfg.dead_code_relative, l2_normalize=cfg.l2_normalize, seed=seed, usage_window=usage_window,
     )
     if cfg.name == "vq_ema":
         return VQEMA(cfg.num_codes, cfg.code_dim, **common)

@@ -15,6 +15,7 @@ reduction, so R ranks give the buffers of one process that saw the whole batch.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,9 @@ class Quantizer(nn.Module):
         init: "random" (Gaussian codes from ``seed``) or "data" (codes from the first global batch).
         dead_code_threshold: codes whose ``ema_count`` falls below it are restarted from vectors of
             the global batch after each update; 0 disables restarts.
+        dead_code_relative: the threshold is a fraction of the mean ``ema_count`` (whose stationary
+            value is the tokens of one update / K) rather than a count. An absolute threshold at or
+            above that mean restarts most codes at every step; the first update warns when it is.
         l2_normalize: quantize unit vectors with unit codes (inputs and codes normalized).
         seed: seed of every random draw (init, restarts); identical on all ranks by design.
         usage_window: tokens in the sliding window of the ``usage_window`` metric.
@@ -65,13 +69,15 @@ class Quantizer(nn.Module):
 
     def __init__(self, num_codes: int, code_dim: int, *, decay: float = 0.99, eps: float = 1e-5,
                  commitment: float = 0.25, chunk_size: int = 8192, chunk_budget_mib: int = 128,
-                 init: str = "random", dead_code_threshold: float = 0.0, l2_normalize: bool = False,
-                 seed: int = 0, usage_window: int = 65536):
+                 init: str = "random", dead_code_threshold: float = 0.0, dead_code_relative: bool = False,
+                 l2_normalize: bool = False, seed: int = 0, usage_window: int = 65536):
         super().__init__()
         self.num_codes, self.code_dim = num_codes, code_dim
         self.decay, self.eps, self.commitment = decay, eps, commitment
         self.chunk_size, self.chunk_budget_mib = chunk_size, chunk_budget_mib
         self.init, self.dead_code_threshold = init, dead_code_threshold
+        self.dead_code_relative = dead_code_relative
+        self._threshold_checked = False  # the first update compares an absolute threshold to n / K
         self.l2_normalize, self.seed = l2_normalize, seed
         check_codebook_args(self)
         self.auto_update = True
@@ -161,6 +167,7 @@ class Quantizer(nn.Module):
             dist.all_reduce_sum(stats)
             counts, metrics = self._apply_update(stats)
             if self.dead_code_threshold > 0:
+                self._check_threshold(counts)
                 metrics["restarted_codes"] = self._restart_dead_codes()
             self._pool = []
             self.step += 1
@@ -191,6 +198,22 @@ class Quantizer(nn.Module):
         self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
 
+    def _check_threshold(self, counts: Tensor) -> None:
+        """Once per construction (one host read): warn when an absolute threshold is at or above the
+        mean count of an update (global tokens / K), where most codes would be restarted every step."""
+        if self._threshold_checked or self.dead_code_relative:
+            return
+        self._threshold_checked = True
+        tokens = float(counts.sum())
+        mean = tokens / self.num_codes
+        if self.dead_code_threshold >= mean and dist.get_rank() == 0:
+            warnings.warn(
+                f"quantizer.dead_code_threshold={self.dead_code_threshold:g} is at or above the mean code count "
+                f"of an update ({tokens:,.0f} tokens / {self.num_codes:,} codes = {mean:.3g}): most codes will "
+                f"count as dead and be restarted every step. Use a threshold well below {mean:.3g}, or "
+                f"quantizer.dead_code_relative=true with a fraction of the mean (e.g. 0.1).",
+                RuntimeWarning, stacklevel=2)
+
     @torch.no_grad()
     def _restart_dead_codes(self) -> Tensor:
         """Replace codes whose EMA count is below the threshold by vectors of the global batch.
@@ -198,16 +221,20 @@ class Quantizer(nn.Module):
         ``ema_count`` is global, so every rank sees the same dead set and takes the same branch.
         A restarted code gets count = threshold and sum = threshold * code (as in
         vector-quantize-pytorch), so it is restarted again next step unless some vector picks it.
+        With ``dead_code_relative`` the threshold is ``dead_code_threshold`` x the mean EMA count.
         """
-        dead = self.ema_count < self.dead_code_threshold
+        limit = self.dead_code_threshold
+        if self.dead_code_relative:
+            limit = self.ema_count.mean() * self.dead_code_threshold  # global: the same on every rank
+        dead = self.ema_count < limit
         num_dead = int(dead.sum())
         if num_dead == 0:
             return torch.zeros((), device=self.codebook.device)
         generator = _sampling.shared_generator(self.seed, int(self.step), _PURPOSE_RESTART)
         fresh = _sampling.sample_global_rows(torch.cat(self._pool), num_dead, generator)
         self.codebook[dead] = fresh
-        self.ema_count[dead] = self.dead_code_threshold
-        self.ema_sum[dead] = fresh * self.dead_code_threshold
+        self.ema_count[dead] = limit
+        self.ema_sum[dead] = fresh * limit
         return torch.tensor(float(num_dead), device=self.codebook.device)
 
     def _usage_metrics(self, counts: Tensor) -> dict[str, Tensor]:
@@ -240,4 +267,5 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, decay={self.decay}, "
                 f"init={self.init}, dead_code_threshold={self.dead_code_threshold}, "
+                f"dead_code_relative={self.dead_code_relative}, "
                 f"l2_normalize={self.l2_normalize}")

@@ -30,6 +30,9 @@ def check_codebook_args(args: Any) -> None:
     check(args.chunk_budget_mib > 0, "quantizer.chunk_budget_mib", f"must be > 0, got {args.chunk_budget_mib}")
     one_of(args.init, "quantizer.init", ("random", "data"))
     check(args.dead_code_threshold >= 0, "quantizer.dead_code_threshold", "must be >= 0")
+    check(not args.dead_code_relative or args.dead_code_threshold < 1, "quantizer.dead_code_threshold",
+          f"with quantizer.dead_code_relative it is a fraction of the mean count and must be < 1 (>= 1 restarts "
+          f"every code below the mean, half the codebook, at every step), got {args.dead_code_threshold}")
 
 
 def check_ba_vq_args(args: Any) -> None:

@@ -69,6 +69,7 @@ class QuantizerConfig:
     balance_iters: int = 3  # balanced E-step: Sinkhorn iterations per step; 0 = online (needs balance_warm_start)
     balance_target: str = "uniform"  # balanced E-step: column marginal r, "uniform" (1/K) or "prior" (q)
     balance_warm_start: bool = False  # balanced E-step: start from the last step's potentials (in checkpoints)
+    balance_beta_scale: bool = False  # warm start: rescale the carried potentials by beta_now / beta_then
 
     def validate(self) -> QuantizerConfig:
         """Every field's rule, whatever ``name``; the rules live with the quantizers, whose

@@ -115,10 +115,10 @@ def test_warm_started_iterations_accumulate_over_calls():
     torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("iters", [1, 0])
-def test_warm_start_is_used_and_resumes_from_the_state_dict(iters):
+@pytest.mark.parametrize("iters, scale", [(1, False), (0, False), (0, True)])
+def test_warm_start_is_used_and_resumes_from_the_state_dict(iters, scale):
     make = lambda warm: BAVQ(K, D, balance_iters=iters if warm else 1, balance_warm_start=warm,  # noqa: E731
-                             chunk_size=7)
+                             balance_beta_scale=scale and warm, chunk_size=7)
     straight, cold = make(True), make(False)
     for seed in (1, 2, 3):
         straight(batch(seed)), cold(batch(seed))
@@ -133,22 +133,29 @@ def test_warm_start_is_used_and_resumes_from_the_state_dict(iters):
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("target", ["uniform", "prior"])
-def test_online_balance_is_one_sinkhorn_step_from_the_steps_own_pass(monkeypatch, target):
+@pytest.mark.parametrize("target, scale", [("uniform", False), ("prior", False), ("uniform", True)])
+def test_online_balance_is_one_sinkhorn_step_from_the_steps_own_pass(monkeypatch, target, scale):
     """balance_iters 0: the E-step makes no Sinkhorn pass (one soft pass per step), and after the step
     balance_v has taken exactly one Sinkhorn iteration from the v it used, on the step's batch and
-    pre-update codebook (float64 reference, no chunking)."""
-    q = BAVQ(K, D, beta_mode="fixed", beta_start=2.0, beta_end=2.0, balance_iters=0, balance_warm_start=True,
-             balance_target=target, entropy_weight=2.0, chunk_size=7)
+    pre-update codebook (float64 reference, no chunking). With balance_beta_scale the v it used is the
+    carried one times beta / (the beta it was computed at); beta changes every step here."""
+    q = BAVQ(K, D, beta_mode="fixed", beta_start=1.0, beta_end=4.0, beta_anneal_steps=3, balance_iters=0,
+             balance_warm_start=True, balance_beta_scale=scale, balance_target=target, entropy_weight=2.0,
+             chunk_size=7)
     passes = []
     monkeypatch.setattr(_sinkhorn, "_column_lse_eager", lambda *a: passes.append(a))
     monkeypatch.setattr(_sinkhorn, "fused_backend", lambda *a: None)
+    beta_then = None
     for seed in (1, 2, 3):
         z = batch(seed)
+        beta = float(q.beta)
         v0, e0, log_prior0 = q.balance_v.double(), q.codebook.double(), q.log_prior.double()
+        if scale and beta_then is not None:
+            v0 = v0 * (beta / beta_then)
         q(z)
+        beta_then = beta
         x = rows64(z)
-        a = -1.0 * log_prior0 - 2.0 * torch.cdist(x, e0).square()  # (1 - lambda) log q - beta d
+        a = -1.0 * log_prior0 - beta * torch.cdist(x, e0).square()  # (1 - lambda) log q - beta d
         log_ratio = log_prior0 if target == "prior" else torch.full((K,), -math.log(K), dtype=torch.float64)
         u = -torch.logsumexp(a + v0, 1, keepdim=True)
         expected = v0 + math.log(x.shape[0]) + log_ratio - torch.logsumexp(a + v0 + u, 0)

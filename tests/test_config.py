@@ -23,6 +23,7 @@ BASE = ["train.max_steps=3"]
     ("quantizer.balance_iters=0", "quantizer.balance_iters"),
     ("quantizer.balance_iters=-1 quantizer.balance_warm_start=true", "quantizer.balance_iters"),
     ("quantizer.dead_code_relative=true quantizer.dead_code_threshold=1.5", "quantizer.dead_code_threshold"),
+    ("quantizer.balance_beta_scale=true", "quantizer.balance_beta_scale"),
     ("quantizer.balance_warm_start=true quantizer.estep=softmax", "quantizer.balance_warm_start"),
     ("quantizer.balance_target=zipf", "quantizer.balance_target"),
     ("quantizer.num_codes=abc", "quantizer.num_codes"),

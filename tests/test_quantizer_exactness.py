@@ -22,7 +22,7 @@ CASES = {
     "ba_vq_deferred": ("ba_vq", {"deferred": True}),
     "ba_vq_balanced_5": ("ba_vq", {"estep": "balanced", "balance_iters": 5}),
     "ba_vq_warm_start": ("ba_vq", {"balance_iters": 1, "balance_warm_start": True}),
-    "ba_vq_online_balance": ("ba_vq", {"balance_iters": 0, "balance_warm_start": True}),
+    "ba_vq_online_balance": ("ba_vq", {"balance_iters": 0, "balance_warm_start": True, "balance_beta_scale": True}),
     "ba_vq_balanced_prior_map": ("ba_vq", {"estep": "balanced", "balance_target": "prior", "assign": "map",
                                            "entropy_weight": 2.0, "beta_mode": "fixed"}),
     "ba_vq_map_init_restart": ("ba_vq", {"estep": "softmax", "beta_mode": "fixed", "entropy_weight": 2.0,

@@ -34,5 +34,6 @@ def build_quantizer(cfg: QuantizerConfig, *, seed: int = 0, usage_window: int = 
         prior_floor=cfg.prior_floor, assign=cfg.assign, entropy_loss_weight=cfg.entropy_loss_weight,
         anneal_start_nats=cfg.anneal_start_nats, anneal_end_nats=cfg.anneal_end_nats,
         anneal_rate=cfg.anneal_rate, estep=cfg.estep, balance_iters=cfg.balance_iters,
-        balance_target=cfg.balance_target, balance_warm_start=cfg.balance_warm_start, **common,
+        balance_target=cfg.balance_target, balance_warm_start=cfg.balance_warm_start,
+        balance_beta_scale=cfg.balance_beta_scale, **common,
     )

@@ -79,6 +79,9 @@ class BAVQ(Quantizer):
             online balance) a step makes ONE soft pass: it uses ``balance_v`` as it is, and the
             update then takes one Sinkhorn step from that pass's global soft counts S (the column
             sums of p under v): v <- v + log(n r) - log S, n = sum S, for the next step.
+        balance_beta_scale: warm start: multiply the carried potentials by beta / (the beta they were
+            computed at) (buffer ``balance_beta``): in the cold limit v / beta tends to the transport
+            dual potential, a distance, so v itself grows with beta while the schedule cools.
         beta_start, beta_end, beta_anneal_steps: the fixed schedule (geometric; also the length of
             the c schedule in adaptive mode).
         adaptive_c_start, adaptive_c_end: the c schedule of adaptive mode.
@@ -103,7 +106,7 @@ class BAVQ(Quantizer):
                  prior_floor: float = 0.1, assign: str = "nearest", entropy_loss_weight: float = 0.0,
                  anneal_start_nats: float = 4.0, anneal_end_nats: float = 32.0, anneal_rate: float = 0.5,
                  estep: str = "balanced", balance_iters: int = 3, balance_target: str = "uniform",
-                 balance_warm_start: bool = False, **common):
+                 balance_warm_start: bool = False, balance_beta_scale: bool = False, **common):
         super().__init__(num_codes, code_dim, **common)
         self.beta_mode, self.beta_start, self.beta_end = beta_mode, beta_start, beta_end
         self.beta_anneal_steps, self.max_beta_growth = beta_anneal_steps, max_beta_growth
@@ -113,10 +116,12 @@ class BAVQ(Quantizer):
         self.anneal_start_nats, self.anneal_end_nats = anneal_start_nats, anneal_end_nats
         self.anneal_rate = anneal_rate
         self.estep, self.balance_iters, self.balance_target = estep, balance_iters, balance_target
-        self.balance_warm_start = balance_warm_start
+        self.balance_warm_start, self.balance_beta_scale = balance_warm_start, balance_beta_scale
         check_ba_vq_args(self)
         if balance_warm_start:
             self.register_buffer("balance_v", torch.zeros(num_codes))
+        if balance_beta_scale:
+            self.register_buffer("balance_beta", torch.tensor(0.0))  # 0: balance_v not computed yet
         self.register_buffer("log_prior", torch.full((num_codes,), -math.log(num_codes)))
         self.register_buffer("beta", torch.tensor(beta_start if beta_mode == "fixed" else 0.0))
         self.register_buffer("d_hat", torch.tensor(-1.0))
@@ -216,6 +221,10 @@ class BAVQ(Quantizer):
         micro-batch is balanced on its own global micro-batch (the columns of one micro-step).
         """
         start = self.balance_v if self.balance_warm_start else None
+        if self.balance_beta_scale:  # on the device: self.beta is this step's beta
+            then = self.balance_beta
+            start = start * torch.where(then > 0, self.beta / then.clamp_min(1e-30), torch.ones_like(then))
+            self.balance_beta.copy_(self.beta)
         v = _sinkhorn.balance_potentials(rows, self.codebook, log_weight, beta, self.rows_per_chunk,
                                          self._log_ratio(), self.balance_iters, start)
         if self.balance_warm_start:

@@ -57,3 +57,5 @@ def check_ba_vq_args(args: Any) -> None:
     one_of(args.balance_target, "quantizer.balance_target", ("uniform", "prior"))
     check(not args.balance_warm_start or args.estep == "balanced", "quantizer.balance_warm_start",
           f"applies to estep 'balanced' only, but estep is '{args.estep}'")
+    check(not args.balance_beta_scale or args.balance_warm_start, "quantizer.balance_beta_scale",
+          "rescales the warm-started potentials: it needs quantizer.balance_warm_start: true")

@@ -70,6 +70,9 @@ class QuantizerConfig:
     balance_target: str = "uniform"  # balanced E-step: column marginal r, "uniform" (1/K) or "prior" (q)
     balance_warm_start: bool = False  # balanced E-step: start from the last step's potentials (in checkpoints)
     balance_beta_scale: bool = False  # warm start: rescale the carried potentials by beta_now / beta_then
+    # restarts: "soft" (dead = low EMA of the E-step's soft counts, which the balanced E-step keeps near
+    # uniform) or "hard" (low EMA of the hard codes' counts, as VQ-EMA; see README "Results")
+    restart_counts: str = "soft"
 
     def validate(self) -> QuantizerConfig:
         """Every field's rule, whatever ``name``; the rules live with the quantizers, whose

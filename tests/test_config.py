@@ -26,6 +26,7 @@ BASE = ["train.max_steps=3"]
     ("quantizer.balance_beta_scale=true", "quantizer.balance_beta_scale"),
     ("quantizer.balance_warm_start=true quantizer.estep=softmax", "quantizer.balance_warm_start"),
     ("quantizer.balance_target=zipf", "quantizer.balance_target"),
+    ("quantizer.restart_counts=argmin", "quantizer.restart_counts"),
     ("quantizer.num_codes=abc", "quantizer.num_codes"),
     ("quantizer.no_such_key=1", "quantizer.no_such_key"),
     ("model.arch=resnet", "model.arch"),

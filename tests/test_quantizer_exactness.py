@@ -25,6 +25,7 @@ CASES = {
     "ba_vq_online_balance": ("ba_vq", {"balance_iters": 0, "balance_warm_start": True, "balance_beta_scale": True}),
     "ba_vq_balanced_prior_map": ("ba_vq", {"estep": "balanced", "balance_target": "prior", "assign": "map",
                                            "entropy_weight": 2.0, "beta_mode": "fixed"}),
+    "ba_vq_hard_restart": ("ba_vq", {"restart_counts": "hard", "dead_code_threshold": 0.95}),
     "ba_vq_map_init_restart": ("ba_vq", {"estep": "softmax", "beta_mode": "fixed", "entropy_weight": 2.0,
                                          "assign": "map", "init": "data", "dead_code_threshold": 0.95}),
 }
@@ -90,4 +91,5 @@ def test_two_ranks_equal_one_process():
             torch.testing.assert_close(ranks[0][name][buf], expected, rtol=1e-5, atol=1e-5 * scale,
                                        msg=lambda m, name=name, buf=buf: f"{name}/{buf}: {m}")
         if "dead_code_threshold" in kwargs:  # the restart path really ran
-            assert (single["ema_count"] == kwargs["dead_code_threshold"]).any(), name
+            counts = "ema_hard_count" if kwargs.get("restart_counts") == "hard" else "ema_count"
+            assert (single[counts] == kwargs["dead_code_threshold"]).any(), name

@@ -103,8 +103,9 @@ def test_fp32_under_bf16_autocast_and_module_casts(kind, kwargs):
     assert all(b.dtype == torch.float32 for b in q.buffers() if b.is_floating_point())
 
 
-def test_state_dict_round_trip_resumes_exactly():
-    kwargs = {"dead_code_threshold": 0.5, "init": "data", "entropy_weight": 2.0, "usage_window": 100}
+@pytest.mark.parametrize("extra", [{}, {"restart_counts": "hard", "dead_code_relative": True}])
+def test_state_dict_round_trip_resumes_exactly(extra):
+    kwargs = {"dead_code_threshold": 0.5, "init": "data", "entropy_weight": 2.0, "usage_window": 100, **extra}
     q = make("ba_vq", **kwargs)
     for seed in (5, 6):
         q(batch(seed))
@@ -338,6 +339,31 @@ def test_relative_dead_code_threshold_is_a_fraction_of_the_mean_count(scale):
     assert int(out.metrics["restarted_codes"]) == int(expected_dead.sum())
     assert torch.equal(q.ema_count == 0.5 * counts.mean(), expected_dead)  # restarted with the limit
     assert _is_row_of(q.codebook[expected_dead], z).all()
+
+
+def test_ba_vq_hard_restart_counts_find_codes_the_balance_keeps_alive():
+    """restart_counts=hard: a code that keeps soft mass but is nobody's nearest code is dead. The
+    balanced E-step spreads 4 tight clusters' soft mass over all 64 codes, so the soft counts restart
+    few codes; the hard counts (<= 4 codes take the rows) restart the rest. A restarted code moves to a
+    batch row, takes hard count = the limit and keeps its soft count."""
+    gen = torch.Generator().manual_seed(3)
+    z = (torch.randn(4, D, generator=gen) * 2)[torch.arange(256) % 4] + 0.01 * torch.randn(256, D, generator=gen)
+    kwargs = {"dead_code_threshold": 0.5, "dead_code_relative": True, "decay": 0.0, "seed": 5}
+    soft, hard = make("ba_vq", **kwargs), make("ba_vq", restart_counts="hard", **kwargs)
+    assert "ema_hard_count" not in soft.state_dict()
+    soft_dead = int(soft(z).metrics["restarted_codes"])
+    out = hard(z)  # decay 0: ema_hard_count is this batch's hard counts before the restarts
+    counts = torch.bincount(out.indices.flatten(), minlength=K).float()
+    limit = 0.5 * counts.mean()
+    dead = counts < limit
+    assert int(dead.sum()) >= K - 8 and soft_dead < 8
+    assert int(out.metrics["restarted_codes"]) == int(dead.sum())
+    assert _is_row_of(hard.codebook[dead], z).all() and not _is_row_of(hard.codebook[~dead], z).any()
+    assert torch.equal(hard.ema_hard_count[dead], torch.full((int(dead.sum()),), float(limit)))
+    assert torch.equal(hard.ema_hard_count[~dead], counts[~dead])
+    torch.testing.assert_close(hard.ema_sum[dead], hard.codebook[dead] * hard.ema_count[dead][:, None])
+    hard(z)  # the next M-step leaves a restarted code where it was put unless rows moved it
+    assert torch.isfinite(hard.codebook).all()
 
 
 def test_absolute_threshold_above_the_mean_count_warns_once():

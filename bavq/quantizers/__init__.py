@@ -35,5 +35,5 @@ def build_quantizer(cfg: QuantizerConfig, *, seed: int = 0, usage_window: int = 
         anneal_start_nats=cfg.anneal_start_nats, anneal_end_nats=cfg.anneal_end_nats,
         anneal_rate=cfg.anneal_rate, estep=cfg.estep, balance_iters=cfg.balance_iters,
         balance_target=cfg.balance_target, balance_warm_start=cfg.balance_warm_start,
-        balance_beta_scale=cfg.balance_beta_scale, **common,
+        balance_beta_scale=cfg.balance_beta_scale, restart_counts=cfg.restart_counts, **common,
     )

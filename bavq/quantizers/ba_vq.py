@@ -82,6 +82,11 @@ class BAVQ(Quantizer):
         balance_beta_scale: warm start: multiply the carried potentials by beta / (the beta they were
             computed at) (buffer ``balance_beta``): in the cold limit v / beta tends to the transport
             dual potential, a distance, so v itself grows with beta while the schedule cools.
+        restart_counts: which EMA counts decide the dead codes of a restart: "soft" (``ema_count``, the
+            E-step's soft counts, which the balanced E-step holds near n r_k, so restarts rarely fire)
+            or "hard" (buffer ``ema_hard_count``, the EMA of the hard codes' counts, as VQ-EMA's):
+            a code that keeps soft mass but is nobody's nearest code counts as dead. A restarted code
+            keeps its soft count (``ema_sum`` = fresh x ``ema_count``) and gets hard count = the limit.
         beta_start, beta_end, beta_anneal_steps: the fixed schedule (geometric; also the length of
             the c schedule in adaptive mode).
         adaptive_c_start, adaptive_c_end: the c schedule of adaptive mode.
@@ -106,7 +111,8 @@ class BAVQ(Quantizer):
                  prior_floor: float = 0.1, assign: str = "nearest", entropy_loss_weight: float = 0.0,
                  anneal_start_nats: float = 4.0, anneal_end_nats: float = 32.0, anneal_rate: float = 0.5,
                  estep: str = "balanced", balance_iters: int = 3, balance_target: str = "uniform",
-                 balance_warm_start: bool = False, balance_beta_scale: bool = False, **common):
+                 balance_warm_start: bool = False, balance_beta_scale: bool = False,
+                 restart_counts: str = "soft", **common):
         super().__init__(num_codes, code_dim, **common)
         self.beta_mode, self.beta_start, self.beta_end = beta_mode, beta_start, beta_end
         self.beta_anneal_steps, self.max_beta_growth = beta_anneal_steps, max_beta_growth
@@ -117,7 +123,10 @@ class BAVQ(Quantizer):
         self.anneal_rate = anneal_rate
         self.estep, self.balance_iters, self.balance_target = estep, balance_iters, balance_target
         self.balance_warm_start, self.balance_beta_scale = balance_warm_start, balance_beta_scale
+        self.restart_counts = restart_counts
         check_ba_vq_args(self)
+        if restart_counts == "hard":
+            self.register_buffer("ema_hard_count", torch.ones(num_codes))
         if balance_warm_start:
             self.register_buffer("balance_v", torch.zeros(num_codes))
         if balance_beta_scale:
@@ -295,6 +304,8 @@ class BAVQ(Quantizer):
             self._online_balance(soft_counts)
         self.ema_count.mul_(self.decay).add_(soft_counts, alpha=1.0 - self.decay)
         self.ema_sum.mul_(self.decay).add_(soft_sums, alpha=1.0 - self.decay)
+        if self.restart_counts == "hard":
+            self.ema_hard_count.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         alive = (self.ema_count > 1e-20 * self.ema_count.sum())[:, None]
         codes = torch.where(alive, self.ema_sum / self.ema_count.clamp_min(1e-30)[:, None], self.codebook)
         if self.l2_normalize:
@@ -316,6 +327,16 @@ class BAVQ(Quantizer):
                                  - self._log_ratio().exp()).abs().sum(),
         }
         return counts, metrics
+
+    def _restart_counts(self) -> Tensor:
+        return self.ema_hard_count if self.restart_counts == "hard" else self.ema_count
+
+    def _reset_codes(self, dead: Tensor, fresh: Tensor, limit: Tensor | float) -> None:
+        if self.restart_counts != "hard":
+            return super()._reset_codes(dead, fresh, limit)
+        self.codebook[dead] = fresh
+        self.ema_hard_count[dead] = limit
+        self.ema_sum[dead] = fresh * self.ema_count[dead][:, None]  # the M-step leaves the code at fresh
 
     def _after_update(self) -> dict[str, Tensor]:
         total = self.ema_count.sum()

@@ -216,26 +216,36 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self) -> Tensor:
-        """Replace codes whose EMA count is below the threshold by vectors of the global batch.
+        """Replace codes whose EMA count (:meth:`_restart_counts`) is below the threshold by vectors
+        of the global batch.
 
-        ``ema_count`` is global, so every rank sees the same dead set and takes the same branch.
+        The counts are global, so every rank sees the same dead set and takes the same branch.
         A restarted code gets count = threshold and sum = threshold * code (as in
         vector-quantize-pytorch), so it is restarted again next step unless some vector picks it.
         With ``dead_code_relative`` the threshold is ``dead_code_threshold`` x the mean EMA count.
         """
+        counts = self._restart_counts()
         limit = self.dead_code_threshold
         if self.dead_code_relative:
-            limit = self.ema_count.mean() * self.dead_code_threshold  # global: the same on every rank
-        dead = self.ema_count < limit
+            limit = counts.mean() * self.dead_code_threshold  # global: the same on every rank
+        dead = counts < limit
         num_dead = int(dead.sum())
         if num_dead == 0:
             return torch.zeros((), device=self.codebook.device)
         generator = _sampling.shared_generator(self.seed, int(self.step), _PURPOSE_RESTART)
         fresh = _sampling.sample_global_rows(torch.cat(self._pool), num_dead, generator)
+        self._reset_codes(dead, fresh, limit)
+        return torch.tensor(float(num_dead), device=self.codebook.device)
+
+    def _restart_counts(self) -> Tensor:
+        """The global per-code EMA counts that decide which codes are dead."""
+        return self.ema_count
+
+    def _reset_codes(self, dead: Tensor, fresh: Tensor, limit: Tensor | float) -> None:
+        """Move the ``dead`` codes to ``fresh`` vectors with EMA count ``limit``."""
         self.codebook[dead] = fresh
         self.ema_count[dead] = limit
         self.ema_sum[dead] = fresh * limit
-        return torch.tensor(float(num_dead), device=self.codebook.device)
 
     def _usage_metrics(self, counts: Tensor) -> dict[str, Tensor]:
         entropy = entropy_of_counts(counts).float()

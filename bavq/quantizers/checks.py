@@ -59,3 +59,4 @@ def check_ba_vq_args(args: Any) -> None:
           f"applies to estep 'balanced' only, but estep is '{args.estep}'")
     check(not args.balance_beta_scale or args.balance_warm_start, "quantizer.balance_beta_scale",
           "rescales the warm-started potentials: it needs quantizer.balance_warm_start: true")
+    one_of(args.restart_counts, "quantizer.restart_counts", ("soft", "hard"))

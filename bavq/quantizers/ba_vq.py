@@ -331,13 +331,6 @@ class BAVQ(Quantizer):
     def _restart_counts(self) -> Tensor:
         return self.ema_hard_count if self.restart_counts == "hard" else self.ema_count
 
-    def _reset_codes(self, dead: Tensor, fresh: Tensor, limit: Tensor | float) -> None:
-        if self.restart_counts != "hard":
-            return super()._reset_codes(dead, fresh, limit)
-        self.codebook[dead] = fresh
-        self.ema_hard_count[dead] = limit
-        self.ema_sum[dead] = fresh * self.ema_count[dead][:, None]  # the M-step leaves the code at fresh
-
     def _after_update(self) -> dict[str, Tensor]:
         total = self.ema_count.sum()
         prior = (self.ema_count / total + self.prior_floor / self.num_codes) / (1.0 + self.prior_floor)

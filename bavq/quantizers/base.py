@@ -234,18 +234,16 @@ class Quantizer(nn.Module):
             return torch.zeros((), device=self.codebook.device)
         generator = _sampling.shared_generator(self.seed, int(self.step), _PURPOSE_RESTART)
         fresh = _sampling.sample_global_rows(torch.cat(self._pool), num_dead, generator)
-        self._reset_codes(dead, fresh, limit)
+        self.codebook[dead] = fresh
+        counts[dead] = limit
+        # sum = count x code, so the next M-step leaves the code at fresh (with ``ema_count`` as the
+        # restart counts this is limit x fresh; other counts leave ``ema_count`` as it was)
+        self.ema_sum[dead] = fresh * self.ema_count[dead][:, None]
         return torch.tensor(float(num_dead), device=self.codebook.device)
 
     def _restart_counts(self) -> Tensor:
-        """The global per-code EMA counts that decide which codes are dead."""
+        """The global per-code EMA counts (a buffer, updated in place) that decide which codes are dead."""
         return self.ema_count
-
-    def _reset_codes(self, dead: Tensor, fresh: Tensor, limit: Tensor | float) -> None:
-        """Move the ``dead`` codes to ``fresh`` vectors with EMA count ``limit``."""
-        self.codebook[dead] = fresh
-        self.ema_count[dead] = limit
-        self.ema_sum[dead] = fresh * limit
 
     def _usage_metrics(self, counts: Tensor) -> dict[str, Tensor]:
         entropy = entropy_of_counts(counts).float()
